@@ -1,0 +1,1 @@
+"""Ray-free core: config, plugin registry, interfaces, data pipeline, trainer, checkpoints, logging."""

@@ -1,0 +1,63 @@
+"""torch.distributed helpers that are safe without a process group (one process = world of size 1).
+
+The gradient-carrying gather is what makes losses over the global batch right under DDP: plain
+``dist.all_gather`` returns tensors that do not require grad, so cross-rank terms would silently get no gradient
+(lightly #1528). ``all_gather_single`` from functional collectives carries autograd; its backward sums the
+gradients of every rank, and with per-rank losses averaged by DDP that equals the one-process gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["all_reduce_mean", "concat_all_gather", "gather_with_grad", "is_main", "rank", "world_size"]
+
+
+def is_dist() -> bool:
+    """True inside an initialised process group."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """Global rank (0 without a process group)."""
+    return dist.get_rank() if is_dist() else 0
+
+
+def world_size() -> int:
+    """Number of processes (1 without a process group)."""
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main() -> bool:
+    """Only rank 0 writes files, TensorBoard events and progress output."""
+    return rank() == 0
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """``(B, ...)`` per rank -> ``(world_size * B, ...)`` in rank order, with gradients flowing back to every rank."""
+    if not is_dist() or world_size() == 1:
+        return x
+    from torch.distributed._functional_collectives import all_gather_single
+
+    return all_gather_single(x.contiguous(), 0, dist.group.WORLD)
+
+
+@torch.no_grad()
+def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
+    """``(B, ...)`` per rank -> ``(world_size * B, ...)``, no gradient (MoCo keys, DINO centre statistics)."""
+    if not is_dist() or world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out, dim=0)
+
+
+@torch.no_grad()
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks (a copy; ``x`` is unchanged)."""
+    if not is_dist() or world_size() == 1:
+        return x.clone()
+    y = x.clone()
+    dist.all_reduce(y)
+    return y / world_size()

@@ -1,0 +1,1 @@
+"""Common building blocks shared by the built-in plugins (heads, losses)."""
