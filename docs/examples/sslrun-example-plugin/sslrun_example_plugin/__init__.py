@@ -1,0 +1,1 @@
+"""An example third-party sslrun plugin package (see docs/plugins.md)."""
