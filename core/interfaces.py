@@ -161,6 +161,18 @@ class Method(nn.Module, ABC):
         """Images to show in TensorBoard (``(N, 3, H, W)`` in [0, 1]) from the last step, or None."""
         return None
 
+    #: per-channel mean/std the views were normalised with (set by :meth:`set_normalization`; identity until then)
+    norm_mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    norm_std: tuple[float, ...] = (1.0, 1.0, 1.0)
+
+    def set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """Tell the method how its views were normalised (the training split's manifest ``mean``/``std``, in 0..1
+        units). The trainer calls it once after building the method, before the first step. Methods whose targets
+        or visuals live in pixel space (pretext tasks: colorization's Lab conversion, image grids) use it to undo
+        the normalisation; others can ignore it. Optional extension: the default just records the values."""
+        self.norm_mean = tuple(float(m) for m in mean)
+        self.norm_std = tuple(float(s) for s in std)
+
 
 class PretextTask(ABC):
     """A classic pretext task: the label is made from the image itself.
@@ -194,6 +206,55 @@ class PretextTask(ABC):
     @abstractmethod
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Scalar loss of the head's prediction against the target made by ``make_inputs``."""
+
+    # ---- optional extensions (defaults keep a task that implements only the four methods above working) ----
+    #: per-channel mean/std of the normalised images ``make_inputs`` receives (identity until set)
+    norm_mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    norm_std: tuple[float, ...] = (1.0, 1.0, 1.0)
+
+    def set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """Record how the images were normalised (forwarded from :meth:`Method.set_normalization`)."""
+        self.norm_mean = tuple(float(m) for m in mean)
+        self.norm_std = tuple(float(s) for s in std)
+
+    def denormalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised ``(N, 3, H, W)`` -> pixel values in 0..1 units (not clamped)."""
+        mean = torch.tensor(self.norm_mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.norm_std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+        return images * std + mean
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Pixel values in 0..1 -> the normalised space the encoder is trained in."""
+        mean = torch.tensor(self.norm_mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.norm_std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+        return (images - mean) / std
+
+    def setup(self, encoder: nn.Module, image_size: int) -> None:
+        """Called once with the encoder before :meth:`head`: check that the task can use it (MAE refuses a
+        non-ViT with a :class:`~sslrun.core.errors.ConfigError`) and read its geometry. No-op by default."""
+        del encoder, image_size  # nothing to check for tasks that only need ``encoder(inputs)``
+
+    def predict(
+        self, encoder: nn.Module, head: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(prediction, loss target)`` for one batch; the loss is ``loss(prediction, loss target)``.
+
+        The default is ``(head(encoder(inputs)), targets)``. Override it when the task must drive the encoder
+        itself: MAE runs the ViT blocks on the visible patches only, jigsaw encodes each tile separately.
+        """
+        return head(encoder(inputs)), targets
+
+    def metrics(self, pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Extra scalar terms to log (e.g. ``{"acc": ...}`` for classification tasks). Empty by default."""
+        return {}
+
+    def visuals(
+        self, images: torch.Tensor, inputs: torch.Tensor, pred: torch.Tensor, targets: torch.Tensor
+    ) -> dict[str, torch.Tensor] | None:
+        """TensorBoard images for a few samples of the last step: ``{"input", "prediction", "target"}`` as
+        ``(n, 3, H, W)`` in [0, 1]. ``images`` are the views, ``inputs``/``targets`` what :meth:`make_inputs` made
+        of them, ``pred`` the first output of :meth:`predict`. None (nothing to show) by default."""
+        return None
 
 
 @dataclass(frozen=True)

@@ -111,7 +111,10 @@ def build_encoder(cfg: ExperimentConfig, image_size: int | None = None) -> nn.Mo
 def build_method(cfg: ExperimentConfig, image_size: int) -> Method:
     """The method (wrapping a freshly built encoder), ready to train."""
     cls = method_class(cfg.method.name)
-    return cls(build_encoder(cfg, image_size), method_config(cfg))
+    encoder = build_encoder(cfg, image_size)
+    if "image_size" in inspect.signature(cls.__init__).parameters:  # pretext adapters size dense heads with it
+        return cls(encoder, method_config(cfg), image_size=image_size)
+    return cls(encoder, method_config(cfg))
 
 
 def validate_plugins(cfg: ExperimentConfig) -> ExperimentConfig:
