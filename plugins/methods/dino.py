@@ -1,0 +1,179 @@
+"""DINO: self-distillation with no labels (Caron, Touvron, Misra, Jégou, Mairal, Bojanowski & Joulin 2021,
+"Emerging Properties in Self-Supervised Vision Transformers", https://arxiv.org/abs/2104.14294)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sslrun.core.errors import ConfigError
+from sslrun.core.interfaces import Method, ViewSpec
+from sslrun.plugins.common.ema import frozen_copy, update_momentum
+from sslrun.plugins.common.heads import DINOProjectionHead
+from sslrun.plugins.common.losses import DINOLoss
+from sslrun.plugins.methods._views import for_image_size
+
+__all__ = ["DINO", "DINOConfig"]
+
+
+@dataclass
+class DINOConfig:
+    """DINO hyperparameters (paper / ``main_dino.py`` defaults)."""
+
+    # Head: MLP 2048-2048-256 (GELU), L2 norm, weight-normalised linear layer to K = 65536 prototypes.
+    out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    use_bn_in_head: bool = False
+    # Fix the last layer's weight norm to 1 (True: stabler; the paper's ViT-S runs use False).
+    norm_last_layer: bool = True
+    # Student temperature tau_s.
+    student_temp: float = 0.1
+    # Teacher temperature tau_t: linear warm-up from 0.04 to 0.07 (section 4: "during the first 30 epochs").
+    # The method cannot know the number of steps per epoch, so the warm-up is in optimiser steps, counted in a
+    # buffer (it survives checkpoint/resume). 30 ImageNet epochs at batch 1024 are 37,530 steps; the default of
+    # 1000 steps is about 4 epochs of Fashion-MNIST or CIFAR at batch 256.
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.07
+    teacher_temp_warmup_steps: int = 1000
+    # Centre EMA rate m (eq. 4).
+    center_momentum: float = 0.9
+    # Teacher EMA rate lambda: cosine from 0.996 to 1 (section 3.1). main_dino.py suggests 0.9995 at batch 256.
+    momentum_teacher: float = 0.996
+    momentum_teacher_final: float = 1.0
+    # Multi-crop: 2 global views at the image size, num_local_crops local views at image_size * 96 / 224
+    # (96 px at 224). main_dino.py defaults to 8 local crops (the paper's best ViT-S/16 run uses 10; 6 is a
+    # cheaper setting of its compute table). On CPU with small images, 2-4 local crops train much faster.
+    num_local_crops: int = 8
+    global_crops_scale: tuple[float, float] = (0.4, 1.0)
+    local_crops_scale: tuple[float, float] = (0.05, 0.4)
+    local_crop_size: int | None = None  # None = round(image_size * 96 / 224)
+    # Keep the head's last layer fixed during the first steps (main_dino.py: 1 epoch, "helps training"). In
+    # optimiser steps for the same reason as the warm-up; 1 ImageNet epoch at batch 1024 is 1251 steps.
+    freeze_last_layer_steps: int = 100
+
+    def __post_init__(self) -> None:
+        if min(self.out_dim, self.hidden_dim, self.bottleneck_dim) < 1:
+            raise ConfigError("dino: out_dim, hidden_dim and bottleneck_dim must be >= 1")
+        if min(self.student_temp, self.warmup_teacher_temp, self.teacher_temp) <= 0:
+            raise ConfigError("dino: student_temp, warmup_teacher_temp and teacher_temp must be > 0")
+        if self.teacher_temp_warmup_steps < 0 or self.freeze_last_layer_steps < 0:
+            raise ConfigError("dino: teacher_temp_warmup_steps and freeze_last_layer_steps must be >= 0")
+        for key in ("center_momentum", "momentum_teacher", "momentum_teacher_final"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"dino: {key} must be in [0, 1], got {getattr(self, key)}")
+        if self.num_local_crops < 0:
+            raise ConfigError(f"dino: num_local_crops must be >= 0, got {self.num_local_crops}")
+        for key in ("global_crops_scale", "local_crops_scale"):
+            lo, hi = getattr(self, key)
+            if not 0 < lo <= hi <= 1:
+                raise ConfigError(f"dino: {key} must satisfy 0 < lo <= hi <= 1, got {getattr(self, key)}")
+        if self.local_crop_size is not None and self.local_crop_size < 1:
+            raise ConfigError(f"dino: local_crop_size must be >= 1, got {self.local_crop_size}")
+
+
+class DINO(Method):
+    """DINO: a student network matches the output distribution of a momentum teacher across views.
+
+    The teacher (EMA of the student's encoder and head, ``requires_grad=False``) sees the two global views; the
+    student sees all views (multi-crop). Its outputs are centred (an EMA centre of the teacher's outputs over the
+    global batch, all-reduced across ranks) and sharpened (teacher temperature below the student's); the student
+    minimises the cross entropy to the teacher on every pair of different views (:class:`DINOLoss`).
+
+    ``step_count`` (a buffer, so it is checkpointed) counts optimiser steps through :meth:`on_after_step`; the
+    teacher temperature warm-up and the frozen-last-layer period are functions of it, computed on the device
+    without host synchronisation. Logged: ``teacher_temp``.
+
+    Args:
+        encoder: backbone with ``output_dim`` (it must accept the local crops' smaller resolution: global pooling).
+        cfg: :class:`DINOConfig`.
+    """
+
+    name = "dino"
+    Config = DINOConfig
+
+    step_count: torch.Tensor
+
+    def __init__(self, encoder: nn.Module, cfg: DINOConfig) -> None:
+        super().__init__(encoder, cfg)
+        self.head = DINOProjectionHead(
+            encoder.output_dim,
+            cfg.out_dim,
+            cfg.hidden_dim,
+            cfg.bottleneck_dim,
+            use_bn=cfg.use_bn_in_head,
+            norm_last_layer=cfg.norm_last_layer,
+        )
+        self.teacher_encoder = frozen_copy(encoder)
+        self.teacher_head = frozen_copy(self.head)
+        self.criterion = DINOLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum)
+        self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
+
+    @classmethod
+    def view_specs(cls, cfg: DINOConfig, image_size: int) -> list[ViewSpec]:
+        """Two global views (BYOL's asymmetric blur/solarize pair at ``global_crops_scale``) and
+        ``num_local_crops`` local views (blur p=0.5) at ``image_size * 96 / 224`` with ``local_crops_scale``.
+        Small images: no blur; the local crops keep their small scale (that is the point of them)."""
+        colour = {"jitter": (0.4, 0.4, 0.2, 0.1), "jitter_p": 0.8, "grayscale_p": 0.2}
+        g1 = ViewSpec(size=image_size, scale=cfg.global_crops_scale, blur_p=1.0, **colour)
+        g2 = ViewSpec(size=image_size, scale=cfg.global_crops_scale, blur_p=0.1, solarize_p=0.2, **colour)
+        local_size = cfg.local_crop_size or max(1, round(image_size * 96 / 224))
+        local = ViewSpec(size=local_size, scale=cfg.local_crops_scale, blur_p=0.5, **colour)
+        return [
+            for_image_size(g1, image_size),
+            for_image_size(g2, image_size),
+            *[for_image_size(local, image_size, floor_scale=False)] * cfg.num_local_crops,
+        ]
+
+    def momentum_schedule(self) -> tuple[float, float]:
+        """``(momentum_teacher, momentum_teacher_final)`` = (0.996, 1.0)."""
+        return (self.cfg.momentum_teacher, self.cfg.momentum_teacher_final)
+
+    @torch.no_grad()
+    def on_after_step(self, step: int, momentum: float | None) -> None:
+        """EMA update of the teacher, then one more step counted."""
+        m = self.cfg.momentum_teacher if momentum is None else momentum
+        update_momentum(self.encoder, self.teacher_encoder, m)
+        update_momentum(self.head, self.teacher_head, m)
+        self.step_count += 1
+
+    def teacher_temperature(self) -> torch.Tensor:
+        """``tau_t`` for the current step: linear from ``warmup_teacher_temp`` to ``teacher_temp`` over
+        ``teacher_temp_warmup_steps``, then constant (a 0-d tensor on the buffer's device)."""
+        cfg = self.cfg
+        if cfg.teacher_temp_warmup_steps == 0:
+            return torch.tensor(cfg.teacher_temp, device=self.step_count.device)
+        frac = (self.step_count.float() / cfg.teacher_temp_warmup_steps).clamp(max=1.0)
+        return cfg.warmup_teacher_temp + (cfg.teacher_temp - cfg.warmup_teacher_temp) * frac
+
+    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``views = [global_1, global_2, local_1, ...]`` -> ``{"loss", "teacher_temp"}``."""
+        if len(views) < 2:
+            raise ValueError(f"dino needs the 2 global views first, got {len(views)} view(s)")
+        # 0 while the last layer is frozen, 1 afterwards: gates its gradient without a host sync
+        gate = (self.step_count >= self.cfg.freeze_last_layer_steps).float()
+        student_out = _multicrop(self.encoder, lambda f: self.head(f, gate), views)
+        with torch.no_grad():
+            teacher_out = _multicrop(self.teacher_encoder, self.teacher_head, views[:2])
+        temp = self.teacher_temperature()
+        loss = self.criterion(student_out, teacher_out, temp)
+        return {"loss": loss, "teacher_temp": temp.detach()}
+
+
+def _multicrop(
+    backbone: nn.Module, head: Callable[[torch.Tensor], torch.Tensor], views: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Run consecutive views of the same resolution through ``backbone`` as one batch, then the head once on all
+    features (DINO's ``MultiCropWrapper``); returns one ``(B, K)`` output per view."""
+    feats, start = [], 0
+    while start < len(views):
+        end = start
+        while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
+            end += 1
+        feats.append(backbone(torch.cat(views[start:end])))
+        start = end
+    out = head(torch.cat(feats))
+    return list(out.chunk(len(views)))

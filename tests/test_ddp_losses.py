@@ -1,0 +1,126 @@
+"""Under DDP, every method gives the same loss AND gradients as one process on the concatenated batch.
+
+Two gloo processes (``torch.multiprocessing.spawn``, loopback only) each take half of a fixed global batch, wrap
+the method in real ``DistributedDataParallel`` and run two optimiser steps (forward, backward, SGD step,
+``on_after_step``); the parent runs the same two steps in one process on the whole batch. Compared:
+
+* the mean over ranks of the per-rank losses vs the one-process loss, at both steps (so the DINO centre, the
+  MoCo queue and the EMA teachers written by step 1 are exercised by step 2);
+* the DDP-averaged gradients of every trainable parameter, at both steps;
+* the whole ``state_dict`` after the second ``on_after_step`` (teachers, queue, centre, step counters).
+
+This is what makes SimCLR's cross-rank negatives, Barlow Twins' and VICReg's global-batch statistics, DINO's
+all-reduced centre and MoCo's gathered queue / shuffled keys provably right (USERS.md #4). The model has no
+BatchNorm in the encoder and the heads' BatchNorms are in eval mode (STACK-NOTES C3: per-rank batch statistics
+would otherwise differ legitimately). float64 everywhere, so 1e-5 tolerances test logic, not rounding. Every
+method runs inside ONE spawned job so the process start-up is paid once.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from test_methods import TinyEncoder, build_method, make_views, momentum_now
+
+from sslrun.core.registry import get_registry
+
+pytestmark = pytest.mark.slow
+
+WORLD = 2
+GLOBAL_BATCH = 8
+STEPS = 2
+TOL = 1e-5
+
+
+def _run(name: str, rank: int, world: int) -> dict[str, Any]:
+    """Two training steps of ``name`` on this rank's shard of the fixed global batch."""
+    torch.manual_seed(0)  # identical initial weights, queue and teacher on every rank and in the reference
+    method = build_method(name, TinyEncoder(16)).double()
+    method.eval()  # heads' BatchNorm use running statistics: the same function on any batch split
+    model: torch.nn.Module = method
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(method)
+    opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.5)
+    per_rank = GLOBAL_BATCH // world
+    losses, grads = [], []
+    for step in range(STEPS):
+        views = [v.double() for v in make_views(method, GLOBAL_BATCH, image_size=28, seed=100 + step)]
+        shard = [v[rank * per_rank : (rank + 1) * per_rank] for v in views]
+        out = model(shard)
+        opt.zero_grad()
+        out["loss"].backward()
+        losses.append(float(out["loss"].detach()))
+        grads.append({n: p.grad.clone() for n, p in method.named_parameters() if p.requires_grad})
+        opt.step()
+        method.on_after_step(step, momentum_now(method))
+    state = {k: v.clone() for k, v in method.state_dict().items()}
+    return {"losses": losses, "grads": grads, "state": state}
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str, names: list[str]) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results = {name: _run(name, rank, world) for name in names}
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str, Any]]:
+    out_dir = tmp_path_factory.mktemp("ddp")
+    names = get_registry("method").names()
+    mp.spawn(_worker, args=(WORLD, _free_port(), str(out_dir), names), nprocs=WORLD, join=True)
+    return {r: torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)}
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("name", get_registry("method").names())
+def test_ddp_matches_one_process_on_the_global_batch(name: str, ddp_results: dict[int, dict[str, Any]]) -> None:
+    ref = _run(name, rank=0, world=1)
+    ranks = [ddp_results[r][name] for r in range(WORLD)]
+    for step in range(STEPS):
+        mean_loss = sum(r["losses"][step] for r in ranks) / WORLD
+        assert mean_loss == pytest.approx(ref["losses"][step], abs=TOL), f"{name}: loss at step {step}"
+        for pname, g_ref in ref["grads"][step].items():
+            for r in range(WORLD):
+                g = ranks[r]["grads"][step][pname]
+                err = float((g - g_ref).abs().max())
+                assert err < TOL, f"{name}: grad of {pname} at step {step} on rank {r} differs by {err:.2e}"
+    for key, v_ref in ref["state"].items():
+        for r in range(WORLD):
+            v = ranks[r]["state"][key]
+            if v.is_floating_point():
+                err = float((v - v_ref).abs().max())
+                assert err < TOL, f"{name}: state {key} on rank {r} differs by {err:.2e}"
+            else:
+                assert torch.equal(v, v_ref), f"{name}: state {key} on rank {r}"
+
+
+def test_cross_rank_negatives_change_the_simclr_loss() -> None:
+    """Guard the guard: dropping the other rank's negatives (each half on its own) changes NT-Xent, so the equality
+    above really depends on the gather."""
+    from sslrun.plugins.common.losses import nt_xent_loss
+
+    z = torch.randn(GLOBAL_BATCH, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    w = torch.randn(GLOBAL_BATCH, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    full = float(nt_xent_loss(z, w))
+    halves = sum(float(nt_xent_loss(z[i : i + 4], w[i : i + 4])) for i in (0, 4)) / 2
+    assert abs(full - halves) > 1e-3
