@@ -11,10 +11,11 @@ import dataclasses
 import inspect
 from typing import Any
 
+import torch
 from torch import nn
 
 from sslrun.core.config import ExperimentConfig, coerce_dataclass
-from sslrun.core.errors import ConfigError, UnknownPluginError
+from sslrun.core.errors import ConfigError, SslrunError, UnknownPluginError
 from sslrun.core.interfaces import Dataset, Method
 from sslrun.core.registry import get_registry
 
@@ -133,8 +134,9 @@ def validate_plugins(cfg: ExperimentConfig) -> ExperimentConfig:
     dcls = get_registry("dataset").get(cfg.data.dataset)
     dataset_config(cfg)
     versions[f"dataset:{cfg.data.dataset}"] = get_registry("dataset").info(cfg.data.dataset).dist_version
+    info = dcls(dataset_config(cfg)).info()
+    _dry_build(cfg, info.image_size)
     if getattr(mcls, "requires_color", False):
-        info = dcls(dataset_config(cfg)).info()
         if info.grayscale:
             raise ConfigError(
                 f"method {cfg.method.name!r} needs colour images but dataset {cfg.data.dataset!r} is grayscale; "
@@ -142,6 +144,20 @@ def validate_plugins(cfg: ExperimentConfig) -> ExperimentConfig:
             )
     cfg.plugin_versions = versions
     return cfg
+
+
+def _dry_build(cfg: ExperimentConfig, image_size: int) -> None:
+    """Build the method on the meta device (no memory, no compute) so that errors raised at construction — MAE
+    without a ViT, a MoCo queue smaller than a batch, a bad encoder kwarg value — surface on the driver, before
+    any resources are asked for. Only our one-line errors count: anything else the meta device cannot do is left
+    to the real build on the workers."""
+    try:
+        with torch.device("meta"):
+            build_method(cfg, image_size)
+    except SslrunError:
+        raise
+    except Exception:  # noqa: BLE001 - a meta-device limitation, not a config error
+        pass
 
 
 def check_plugin_versions(cfg: ExperimentConfig) -> None:

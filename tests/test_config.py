@@ -136,3 +136,11 @@ def test_coerce_dataclass_converts_losslessly() -> None:
     c = coerce_dataclass(C, {"x": 2, "pair": [0, 3], "n": 4.0}, "c")
     assert (c.x, c.pair, c.n) == (2.0, (0.0, 3.0), 4)
     assert isinstance(c.x, float) and isinstance(c.pair, tuple)
+
+
+def test_construction_errors_surface_on_the_driver() -> None:
+    """validate_plugins builds the method on the meta device, so MAE without a ViT fails before any resources."""
+    cfg = build_config(None, {"method.name": "mae", "encoder.name": "small_cnn"})
+    with pytest.raises(ConfigError, match="mae needs a ViT encoder"):
+        validate_plugins(cfg)
+    validate_plugins(build_config(None, {"method.name": "mae", "encoder.name": "vit_tiny"}))
