@@ -1,0 +1,176 @@
+"""Checkpoints: one ``torch.save`` dict of named states plus the config, written atomically, loaded safely.
+
+Format (``"format": "sslrun-checkpoint/1"``)::
+
+    config          cfg.to_dict() of the run that wrote it
+    model           method.state_dict() (the unwrapped module: no "module." / "_orig_mod." prefixes)
+    optimizer       optimizer.state_dict()
+    step            optimiser steps done (the global step the run continues from)
+    epoch           epoch of the next batch to read
+    batch_in_epoch  index of the next batch to read within that epoch (the position in the data stream)
+    schedules       {"total_steps", "warmup_steps", "steps_per_epoch"}
+    rng             {"world_size": W, "ranks": [per-rank states of torch, cuda, python, numpy]}
+    plugins         cfg.plugin_versions ("kind:name" -> "dist==version")
+    metrics         the last logged metrics (floats)
+
+Everything in it is a tensor or a builtin, so ``torch.load(weights_only=True)`` reads it (numpy's RNG state is
+stored as a tensor plus ints: STACK-NOTES C1). Files are written to a temporary name in the same directory and
+renamed with ``os.replace``, so a crash mid-write never leaves a truncated ``last.pt``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sslrun.core.config import ExperimentConfig
+from sslrun.core.errors import CheckpointError, ConfigError
+
+__all__ = [
+    "FORMAT",
+    "capture_rng",
+    "check_compatible",
+    "checkpoint_config",
+    "load_checkpoint",
+    "restore_rng",
+    "save_checkpoint",
+]
+
+FORMAT = "sslrun-checkpoint/1"
+REQUIRED_KEYS = ("config", "model", "step")
+
+
+def save_checkpoint(state: dict[str, Any], path: Path, also: Path | None = None) -> Path:
+    """Atomically write ``state`` (with the format tag) to ``path``; if ``also`` is given, atomically point that
+    name at the same bytes too (a hard link when the filesystem allows it, else a copy).
+
+    Returns:
+        ``path``.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        if also is not None:
+            tmp_also = also.with_name(f".{also.name}.tmp{os.getpid()}")
+            try:
+                os.link(path, tmp_also)
+            except OSError:
+                import shutil
+
+                shutil.copyfile(path, tmp_also)
+            os.replace(tmp_also, also)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read an sslrun checkpoint onto the CPU with ``weights_only=True``.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, or not an sslrun checkpoint.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint {p} does not exist; check the path (runs keep OUTPUT/checkpoints/last.pt)")
+    try:
+        ckpt = torch.load(p, weights_only=True, map_location="cpu")
+    except Exception as exc:  # torch raises many types for corrupt files (UnpicklingError, RuntimeError, EOFError)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"checkpoint {p} is unreadable ({first[:200]}); it may be truncated: use another file in its folder"
+        ) from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{p} is not an sslrun checkpoint (format {found!r}, expected {FORMAT!r})")
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint {p} lacks {', '.join(missing)}; it was not written by sslrun train")
+    return ckpt
+
+
+def checkpoint_config(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> ExperimentConfig:
+    """The :class:`ExperimentConfig` stored in a checkpoint.
+
+    Raises:
+        CheckpointError: the stored config does not fit this version of sslrun.
+    """
+    try:
+        return ExperimentConfig.from_dict(ckpt["config"])
+    except ConfigError as exc:
+        raise CheckpointError(f"the config stored in {path} does not fit this sslrun version: {exc}") from exc
+
+
+def check_compatible(ckpt: dict[str, Any], cfg: ExperimentConfig, path: str | Path = "checkpoint") -> None:
+    """Refuse a checkpoint whose architecture (method and encoder with their kwargs) differs from ``cfg``'s.
+
+    Raises:
+        CheckpointError: naming both architectures.
+    """
+    theirs = checkpoint_config(ckpt, path).architecture()
+    ours = cfg.architecture()
+    if theirs != ours:
+        diff = [k for k in ours if ours[k] != theirs.get(k)]
+        raise CheckpointError(
+            f"checkpoint {path} was trained with {_describe(theirs, diff)} but this config has "
+            f"{_describe(ours, diff)}; use a matching --method/--encoder or another --output"
+        )
+
+
+def _describe(arch: dict[str, Any], keys: list[str]) -> str:
+    return ", ".join(f"{k}={arch.get(k)!r}" for k in keys)
+
+
+# ---- RNG states ------------------------------------------------------------------------------------------------
+def capture_rng() -> dict[str, Any]:
+    """This process's RNG states as tensors and builtins (loadable with ``weights_only=True``)."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),  # (version, tuple of 625 ints, gauss_next): builtins only
+        "numpy": {
+            "name": str(np_state[0]),
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng`.
+
+    Raises:
+        CheckpointError: the stored state is malformed.
+    """
+    try:
+        torch.set_rng_state(state["torch"])
+        random.setstate(_to_tuples(state["python"]))
+        n = state["numpy"]
+        np.random.set_state(
+            (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+        )
+        if "cuda" in state and torch.cuda.is_available():
+            cuda_states = state["cuda"]
+            if len(cuda_states) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(cuda_states)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"the RNG state in the checkpoint is malformed ({exc}); it cannot be resumed") from exc
+
+
+def _to_tuples(x: Any) -> Any:
+    return tuple(_to_tuples(v) for v in x) if isinstance(x, tuple | list) else x
