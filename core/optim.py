@@ -122,10 +122,13 @@ def build_optimizer(groups: list[dict[str, Any]], cfg: OptimCfg, lr: float) -> t
     raise ConfigError(f"unknown optimiser {cfg.name!r}; choose sgd, lars or adamw")
 
 
-def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+def apply_schedules(
+    optimizer: torch.optim.Optimizer, lr: float, weight_decay: float, peak_lr: float | None = None
+) -> None:
     """Set this step's lr on every group (times its optional ``lr_scale``) and the scheduled weight decay on the
-    groups that follow it."""
+    groups that follow it. Groups marked ``"fixed_lr": True`` keep ``peak_lr`` throughout (SimSiam's predictor)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        base = peak_lr if group.get("fixed_lr") and peak_lr is not None else lr
+        group["lr"] = base * group.get("lr_scale", 1.0)
         if group.get(SCHEDULED_WD, True):
             group["weight_decay"] = weight_decay

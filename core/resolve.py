@@ -136,12 +136,11 @@ def validate_plugins(cfg: ExperimentConfig) -> ExperimentConfig:
     versions[f"dataset:{cfg.data.dataset}"] = get_registry("dataset").info(cfg.data.dataset).dist_version
     info = dcls(dataset_config(cfg)).info()
     _dry_build(cfg, info.image_size)
-    if getattr(mcls, "requires_color", False):
-        if info.grayscale:
-            raise ConfigError(
-                f"method {cfg.method.name!r} needs colour images but dataset {cfg.data.dataset!r} is grayscale; "
-                f"pick a colour dataset (cifar10, stl10, imagefolder) or another method"
-            )
+    if getattr(mcls, "requires_color", False) and info.grayscale:
+        raise ConfigError(
+            f"method {cfg.method.name!r} needs colour images but dataset {cfg.data.dataset!r} is grayscale; "
+            f"pick a colour dataset (cifar10, stl10, imagefolder) or another method"
+        )
     cfg.plugin_versions = versions
     return cfg
 
@@ -156,7 +155,7 @@ def _dry_build(cfg: ExperimentConfig, image_size: int) -> None:
             build_method(cfg, image_size)
     except SslrunError:
         raise
-    except Exception:  # noqa: BLE001 - a meta-device limitation, not a config error
+    except Exception:  # a meta-device limitation, not a config error
         pass
 
 

@@ -365,6 +365,7 @@ class _Trainer:
             )
         self.sched: Schedules = build_schedules(cfg, self.steps_per_epoch, method.momentum_schedule())
         lr0, _, _ = self.sched.at(0)
+        self.peak_lr = float(self.sched.lr.max())
         self.optimizer = build_optimizer(method.param_groups(), cfg.optim, lr0)
         return ckpt
 
@@ -409,7 +410,12 @@ class _Trainer:
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            model = DistributedDataParallel(model, device_ids=[self.device.index] if self.cuda else None)
+            # broadcast_buffers=False: the buffers that must agree (MoCo queue, DINO centre, step counters) are
+            # kept identical by the methods themselves; re-sending them (MoCo: 32 MiB) every step buys nothing.
+            # BN running stats stay per rank; rank 0's are the ones checkpointed and evaluated.
+            model = DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.cuda else None, broadcast_buffers=False
+            )
         if self.cfg.system.compile:
             model = torch.compile(model)  # type: ignore[assignment]
         return model
@@ -546,7 +552,7 @@ class _Trainer:
         t0 = time.perf_counter()
         step = self.step
         lr, wd, momentum = self.sched.at(step)
-        apply_schedules(self.optimizer, lr, wd)
+        apply_schedules(self.optimizer, lr, wd, self.peak_lr)
         if torch.get_num_threads() != self.threads:  # FFCV resets it on every new epoch iterator
             torch.set_num_threads(self.threads)
         if self.channels_last:
@@ -717,6 +723,7 @@ class _Trainer:
                 "step": self.step,
                 "epoch": self.epoch,
                 "batch_in_epoch": self.batch,
+                "image_size": self.image_size,
                 "schedules": self.sched.position(),
                 "rng": {"world_size": self.world, "ranks": rng_states},
                 "plugins": dict(self.cfg.plugin_versions),

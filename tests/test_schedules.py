@@ -136,3 +136,25 @@ def test_build_optimizer_groups_and_schedules() -> None:
         assert fixed["lars_exclude"] and not decayed["lars_exclude"]
     with pytest.raises(ConfigError, match="no trainable parameters"):
         build_optimizer([{"params": [torch.nn.Parameter(torch.ones(1), requires_grad=False)]}], OptimCfg(), 0.1)
+
+
+def test_fixed_lr_groups_keep_the_peak_lr() -> None:
+    """SimSiam's predictor: groups marked fixed_lr are not decayed by the schedule."""
+    import torch
+
+    from sslrun.core.optim import apply_schedules
+
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([{"params": [a]}, {"params": [b], "fixed_lr": True}], lr=0.1)
+    apply_schedules(opt, lr=0.01, weight_decay=0.0, peak_lr=0.5)
+    assert [g["lr"] for g in opt.param_groups] == [0.01, 0.5]
+
+
+def test_simsiam_marks_only_the_predictor_fixed() -> None:
+    from sslrun.core.config import build_config
+    from sslrun.core.resolve import build_method
+
+    m = build_method(build_config(None, {"method.name": "simsiam"}), 28)
+    fixed = {id(p) for g in m.param_groups() if g.get("fixed_lr") for p in g["params"]}
+    assert fixed == {id(p) for p in m.predictor.parameters()}
+    assert sum(len(g["params"]) for g in m.param_groups()) == len([p for p in m.parameters() if p.requires_grad])

@@ -4,6 +4,7 @@ Learning", https://arxiv.org/abs/2011.10566)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,8 @@ class SimSiamConfig:
     projection_dim: int = 2048
     # Predictor bottleneck: 2048 -> 512 -> 2048 (section 4.4: the bottleneck helps).
     prediction_hidden_dim: int = 512
+    # Section 4.4 / appendix: the predictor's lr is not decayed ("fix lr for predictor" helps).
+    fix_predictor_lr: bool = True
 
     def __post_init__(self) -> None:
         if self.projection_dim < 1 or self.prediction_hidden_dim < 1:
@@ -39,8 +42,8 @@ class SimSiam(Method):
     Besides the loss it logs ``z_std``, the mean over dimensions of the standard deviation of the L2-normalised
     projections (fig. 2): about ``1/sqrt(d)`` while healthy, 0 when the representation collapses.
 
-    The paper also keeps the predictor's learning rate fixed (not decayed); the trainer's schedule applies to all
-    parameter groups here.
+    The paper keeps the predictor's learning rate fixed (not decayed): with ``fix_predictor_lr`` its parameter
+    groups are marked ``"fixed_lr"`` and the trainer holds them at the peak lr.
 
     Args:
         encoder: backbone with ``output_dim``.
@@ -54,6 +57,20 @@ class SimSiam(Method):
         super().__init__(encoder, cfg)
         self.projector = SimSiamProjectionHead(encoder.output_dim, cfg.projection_dim, cfg.projection_dim)
         self.predictor = SimSiamPredictionHead(cfg.projection_dim, cfg.prediction_hidden_dim, cfg.projection_dim)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The default groups, with the predictor's parameters split off into ``fixed_lr`` groups."""
+        groups = super().param_groups()
+        if not self.cfg.fix_predictor_lr:
+            return groups
+        predictor = {id(p) for p in self.predictor.parameters()}
+        out = []
+        for group in groups:
+            out.append({**group, "params": [p for p in group["params"] if id(p) not in predictor]})
+            fixed = [p for p in group["params"] if id(p) in predictor]
+            if fixed:
+                out.append({**group, "params": fixed, "fixed_lr": True})
+        return out
 
     @classmethod
     def view_specs(cls, cfg: SimSiamConfig, image_size: int) -> list[ViewSpec]:
