@@ -58,6 +58,18 @@ class PluginInfo:
         return f"{self.dist}=={self.version}"
 
 
+def _metadata_version(dist: str) -> str:
+    """The version from the distribution's metadata. ``entrypoints`` parses it from the directory name, and the
+    in-tree ``<name>.egg-info`` of an editable install has none; Ray puts the driver's working directory (the
+    checkout) first on its workers' ``sys.path``, so without this they report ``sslrun==None``."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def _require_config(obj: type, kind: str) -> str | None:
     cfg = getattr(obj, "Config", None)
     if cfg is None or not dataclasses.is_dataclass(cfg):
@@ -126,7 +138,7 @@ class Registry:
         infos: dict[str, PluginInfo] = {}
         for ep in entrypoints.get_group_all(self.group, path=self._path):
             dist = ep.distro.name.replace("_", "-") if ep.distro else "unknown"
-            version = ep.distro.version if ep.distro else "unknown"
+            version = (ep.distro.version or _metadata_version(ep.distro.name)) if ep.distro else "unknown"
             target = f"{ep.module_name}:{ep.object_name}" if ep.object_name else ep.module_name
             info = PluginInfo(ep.name, self.kind, target, dist, version)
             prev = infos.get(ep.name)

@@ -1,0 +1,114 @@
+"""The function every Ray Train worker runs: rebuild the config, check plugins, train with Ray hooks.
+
+The launcher sends the experiment as plain data (``cfg.to_dict()``, Ray's advice for ``train_loop_config``) and
+this side rebuilds it strictly with :meth:`ExperimentConfig.from_dict`. Entry points are per environment, so
+each worker discovers the plugins again and checks their distributions and versions equal the driver's before
+any work starts. Ray Train has already created the process group (gloo on CPU, NCCL on GPU); the trainer uses it,
+builds its FFCV loader in distributed mode and writes TensorBoard on rank 0 only.
+
+Every path in the config is absolute by the time it gets here: Ray changes the worker's working directory to
+its own session folder (STACK-NOTES B1).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sslrun.core.config import ExperimentConfig
+from sslrun.core.resolve import check_plugin_versions
+
+__all__ = ["TrainFn", "WORKERS_DIR", "train_loop_per_worker"]
+
+WORKERS_DIR = "workers"  # OUTPUT/workers/rank<r>.json: pid, node and attempt start of each rank
+TrainFn = Callable[..., Any]  # (cfg, hooks, device) -> TrainResult, i.e. sslrun.core.trainer.train
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train's per-worker entry point.
+
+    Args:
+        config: ``{"experiment": cfg.to_dict(), "storage_path": str, "name": str}`` from the launcher, plus
+            ``"train_fn"`` when the launcher's caller passed one: a wrapper around the real trainer that
+            instruments it (the tests tap the loader this way); otherwise :func:`sslrun.core.trainer.train`.
+
+    Returns:
+        Plain data about the run (Ray hands rank 0's value to the driver as ``Result.return_value``).
+
+    Raises:
+        ConfigError: the worker's plugins differ from the driver's (install the same versions everywhere).
+    """
+    import ray.train
+    import ray.train.torch
+
+    from sslrun.cluster.reporting import RayTrainHooks
+
+    _quiet_ray_reports()
+    cfg = ExperimentConfig.from_dict(config["experiment"])
+    check_plugin_versions(cfg)
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    output = Path(cfg.output)
+    _record_worker(output / WORKERS_DIR / f"rank{rank}.json", rank, ctx.get_world_size())
+
+    hooks = RayTrainHooks(
+        storage_path=config["storage_path"],
+        name=config["name"],
+        global_batch=cfg.data.batch_size,
+        events=output / "launch.jsonl",
+    )
+    train_fn: TrainFn | None = config.get("train_fn")
+    if train_fn is None:
+        from sslrun.core.trainer import train as train_fn
+    try:
+        result = train_fn(cfg, hooks, ray.train.torch.get_device())
+    finally:
+        hooks.close()
+    return {
+        "output": str(result.output),
+        "checkpoint": str(result.checkpoint) if result.checkpoint is not None else None,
+        "steps": int(result.steps),
+        "epochs": int(result.epochs),
+        "final_loss": float(result.final_loss),
+        "metrics": {k: float(v) for k, v in result.metrics.items()},
+        "interrupted": bool(result.interrupted),
+        "world_size": ctx.get_world_size(),
+        "resumed_step": hooks.resumed_step,
+        "first_step": hooks.first_step,
+        "images_per_second": hooks.images_per_second,
+    }
+
+
+def _record_worker(path: Path, rank: int, world_size: int) -> None:
+    """Write where this rank runs (pid, node, host) at the start of each attempt: for operators who need to
+    find a rank's process, and for the fault-injection tests, which kill a rank by this pid."""
+    import ray
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "rank": rank,
+        "world_size": world_size,
+        "pid": os.getpid(),
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "hostname": socket.gethostname(),
+        "started": time.time(),
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, path)  # readers never see a half-written file
+
+
+def _quiet_ray_reports() -> None:
+    """Ray Train logs every ``report`` of every rank at INFO, on a logger named after its *file* (so neither
+    ``LoggingConfig`` nor the ``ray.train`` logger level reaches it); the trainer prints its own progress."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: keep its logs
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
