@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -321,6 +322,7 @@ def ray_head() -> Iterator[tuple[str, int]]:
         yield f"127.0.0.1:{port}", metrics_port
     finally:
         _stop_process_tree(proc)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _sslrun_metric(port: int, name: str) -> dict[str, float]:
@@ -570,3 +572,4 @@ def test_two_simulated_nodes_get_one_worker_each_with_strict_spread(tmp_path: Pa
         assert nodes == {w.node_id for w in workers}
     finally:
         cluster.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
