@@ -25,6 +25,7 @@ barrier); only rank 0 writes files.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import os
@@ -413,9 +414,13 @@ class _Trainer:
             # broadcast_buffers=False: the buffers that must agree (MoCo queue, DINO centre, step counters) are
             # kept identical by the methods themselves; re-sending them (MoCo: 32 MiB) every step buys nothing.
             # BN running stats stay per rank; rank 0's are the ones checkpointed and evaluated.
-            model = DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.cuda else None, broadcast_buffers=False
+            # (torch >= 2.13 renamed the flag; init still syncs buffers, so all ranks start identical)
+            no_sync = (
+                {"forward_sync_buffers": False}
+                if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                else {"broadcast_buffers": False}
             )
+            model = DistributedDataParallel(model, device_ids=[self.device.index] if self.cuda else None, **no_sync)
         if self.cfg.system.compile:
             model = torch.compile(model)  # type: ignore[assignment]
         return model
