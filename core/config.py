@@ -129,7 +129,7 @@ class ClusterCfg:
     """Where ``sslrun launch`` runs. Ignored by ``sslrun train``."""
 
     nodes: int = 1
-    workers_per_node: int | None = None  # None = gpus_per_node on GPU nodes, else all CPUs / cpus_per_worker
+    workers_per_node: int | None = None  # None = gpus_per_node on GPU nodes; CPU: 2 on the local default, else 1
     gpus_per_node: int = 0
     cpus_per_worker: int = 1
     address: str | None = None  # None = start a local Ray in-process; "auto", "HOST:PORT", "ray://HOST:10001"
