@@ -167,6 +167,11 @@ class ColorAugment:
         # (low, high) of each jitter factor: torchvision's ranges; a strength of 0 disables that operation.
         self._ranges = ((max(0.0, 1 - b), 1 + b), (max(0.0, 1 - c), 1 + c), (max(0.0, 1 - s), 1 + s), (-h, h))
         self._enabled = (b > 0, c > 0, s > 0, h > 0)
+        #: True when no colour operation can ever apply (crop-and-flip views, e.g. pretext tasks'): the loader
+        #: then skips this object entirely.
+        self.is_identity = (spec.jitter_p == 0 or not any(self._enabled)) and max(
+            spec.grayscale_p, spec.blur_p, spec.solarize_p
+        ) == 0
 
     def sample(self, n: int, generator: torch.Generator) -> ColorParams:
         """Draw the parameters of ``n`` samples. The draw sequence is fixed, whatever the probabilities are, so
@@ -265,3 +270,11 @@ class Normalize:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise ``x`` ``(N, 3, H, W)`` in [0, 1] (in place)."""
         return x.sub_(self.mean).mul_(self.inv_std)
+
+    def from_uint8(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise uint8 pixels directly: ``x * (1 / (255 std)) - mean / std``, a new float32 tensor in standard
+        (NCHW-contiguous) layout whatever the layout of ``x``. Two passes instead of four (convert, /255, -mean,
+        /std); equal to ``self(x / 255)`` up to float rounding."""
+        y = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        torch.mul(x, self.inv_std * (1.0 / 255.0), out=y)
+        return y.sub_(self.mean * self.inv_std)

@@ -1,8 +1,9 @@
 """FFCV loaders: several augmented views per image for pretraining, plain images for evaluation.
 
-:class:`ViewLoader` builds ONE ``ffcv.loader.Loader`` with one pipeline per view, all reading the ``image`` field
-(``PipelineSpec(source="image")``, STACK-NOTES A1), so each image is read once per batch and every view is
-decoded and cropped on its own. The work is split by where it is cheapest:
+:class:`ViewLoader` builds ONE ``ffcv.loader.Loader`` with one pipeline per view, all fed by the ``image`` field
+(``PipelineSpec``, STACK-NOTES A1): when the file's images have one size they are decoded once into a shared
+buffer that every view crops from, otherwise each view decodes on its own. The work is split by where it is
+cheapest:
 
 * in FFCV (CPU threads, numba): decode, random-resized crop and horizontal flip, seeded by
   ``(seed, epoch, sample index, view)`` (:mod:`sslrun.core.ffcv_ops`; FFCV's own ops cannot be seeded);
@@ -75,6 +76,14 @@ def _manifest_stats(path: Path) -> tuple[tuple[int, int], tuple[float, ...], tup
     if min(std) <= 0:  # a constant dataset (all pixels equal): normalising would divide by zero
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     return (int(m.image_size[0]), int(m.image_size[1])), mean, std, int(m.num_samples)
+
+
+def _image_sizes(path: Path) -> np.ndarray:
+    """``(N, 2)`` heights and widths of the images of a verified .beton (from its metadata, no decoding)."""
+    from sslrun.core.beton import BetonReader
+
+    sizes = BetonReader(path).sizes
+    return sizes if len(sizes) else np.zeros((1, 2), dtype=np.int64)
 
 
 def _device(device: torch.device | str) -> torch.device:
@@ -329,6 +338,7 @@ class ViewLoader:
 
         ops = _ffcv()
         from ffcv.fields.basics import IntDecoder
+        from ffcv.fields.rgb_image import SimpleRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
         from ffcv.pipeline import PipelineSpec
         from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
@@ -336,15 +346,27 @@ class ViewLoader:
         self._state = ops.AugmentState(self.seed)  # read by the compiled crop/flip code: lives as long as us
         to_device = [ToDevice(self.device, non_blocking=True)] if self.device.type != "cpu" else []
         # Fresh operation instances per view (FFCV maps each instance to one graph node, A1); numba ops
-        # before ToTensor, torch ops after (A3g). The image field itself is disabled (None): every view is an
-        # extra output decoded from it, so the outputs are (label, view 0, view 1, ...).
+        # before ToTensor, torch ops after (A3g). The image field itself is disabled (None): the views are extra
+        # outputs decoded from it. Images of one size (every sslrun-prepared split) are decoded ONCE into a
+        # shared buffer that each view crops from (a JPEG is decompressed once, not once per view); mixed sizes
+        # need a decoder per view. Outputs: (label, [decoded,] view 0, view 1, ...); the crops are identical
+        # either way.
+        sizes = _image_sizes(self.path)
+        shared = SimpleRGBImageDecoder() if bool((sizes == sizes[0]).all()) else None
         pipelines: dict[str, Any] = {"image": None, "label": [IntDecoder(), ToTensor(), *to_device]}
+        if shared is not None:
+            pipelines["decoded"] = PipelineSpec("image", decoder=shared)
+        self._first_view = 2 if shared is not None else 1
         for i, v in enumerate(views):
-            decoder = ops.SeededRandomResizedCrop(self._state, i, (v.size, v.size), v.scale, v.ratio)
-            transforms = [ops.SeededHorizontalFlip(self._state, i, v.flip_p), ToTensor()]
-            transforms += [ToDevice(self.device, non_blocking=True)] if to_device else []
-            transforms.append(ToTorchImage())
-            pipelines[f"view_{i}"] = PipelineSpec("image", decoder=decoder, transforms=transforms)
+            flip = ops.SeededHorizontalFlip(self._state, i, v.flip_p)  # in place, on this view's own crop
+            tail = [flip, ToTensor(), *([ToDevice(self.device, non_blocking=True)] if to_device else [])]
+            tail.append(ToTorchImage())
+            if shared is not None:
+                crop = ops.SeededResizedCrop(self._state, i, (v.size, v.size), v.scale, v.ratio)
+                pipelines[f"view_{i}"] = PipelineSpec(shared, transforms=[crop, *tail])
+            else:
+                decoder = ops.SeededRandomResizedCrop(self._state, i, (v.size, v.size), v.scale, v.ratio)
+                pipelines[f"view_{i}"] = PipelineSpec("image", decoder=decoder, transforms=tail)
 
         n = num_samples if max_samples is None else min(max_samples, num_samples)
         subset = np.arange(n, dtype=np.uint64)
@@ -410,7 +432,8 @@ class ViewLoader:
         run = _start_epoch(self._loader, epoch, start_batch * self.batch_size, self.path)
         self._active = run
         try:
-            for b, (labels, *raw) in enumerate(run, start=start_batch):
+            for b, batch in enumerate(run, start=start_batch):
+                labels, raw = batch[0], batch[self._first_view :]
                 if self._pool is not None and torch.get_num_threads() == 1:
                     # CPU: one thread per view (torch ops release the GIL; each view has its own generator,
                     # so the result is the same as in sequence). Not with multi-threaded torch: that oversubscribes.
@@ -425,6 +448,8 @@ class ViewLoader:
 
     def _views(self, i: int, x: torch.Tensor, epoch: int, batch: int) -> torch.Tensor:
         """uint8 ``(N, 3, H, W)`` from FFCV -> augmented (and normalised) float32, a new tensor."""
+        if self._augment[i].is_identity and self._normalize is not None:  # crop + flip only: convert and normalise
+            return self._normalize.from_uint8(x)
         g = torch.Generator().manual_seed(batch_seed(self.seed, epoch, batch, self.rank, i))
         # A copy (FFCV's buffer is reused a few batches later, A3e), in standard NCHW layout: FFCV hands out a
         # channels-last view, on which the per-channel arithmetic of the colour operations runs strided.
@@ -459,7 +484,8 @@ class EvalLoader:
     """Plain, ordered images of a whole split for evaluation (kNN, linear probe, feature export).
 
     No augmentation, sequential order, every sample exactly once (no ``drop_last``), one process. Images of one
-    size are returned as stored; a split with mixed sizes is centre-cropped and resized to the largest size.
+    size are returned as stored; in a split with mixed sizes, each image's centre square is resized to
+    ``min(manifest image_size)`` pixels a side.
 
     Args:
         path: a prepared ``.beton``.
@@ -500,11 +526,10 @@ class EvalLoader:
         from ffcv.loader import Loader, OrderOption
         from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
 
-        from sslrun.core.beton import BetonReader
-
-        sizes = BetonReader(self.path).sizes
-        uniform = bool((sizes == sizes[0]).all()) if len(sizes) else True
-        decoder = SimpleRGBImageDecoder() if uniform else CenterCropRGBImageDecoder((height, width), ratio=1.0)
+        sizes = _image_sizes(self.path)
+        uniform = bool((sizes == sizes[0]).all())
+        side = min(height, width)  # mixed sizes: each image's centre square, resized to one common square
+        decoder = SimpleRGBImageDecoder() if uniform else CenterCropRGBImageDecoder((side, side), ratio=1.0)
         to_device = [ToDevice(self.device, non_blocking=True)] if self.device.type != "cpu" else []
         pipelines = {
             "image": [decoder, ToTensor(), *to_device, ToTorchImage()],
@@ -536,8 +561,7 @@ class EvalLoader:
         run = _start_epoch(self._loader, 0, 0, self.path)
         try:
             for images, labels in run:
-                x = images.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
-                yield self._normalize(x), labels.view(-1).clone()
+                yield self._normalize.from_uint8(images), labels.view(-1).clone()  # new tensors (A3e)
         finally:
             run.close()
 

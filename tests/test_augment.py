@@ -144,6 +144,18 @@ def test_grayscale_images_stay_grayscale() -> None:
     assert (out.max(1).values - out.min(1).values).max().item() < 1e-3
 
 
+def test_normalize_from_uint8_equals_the_two_step_path_in_nchw_layout() -> None:
+    norm = Normalize((0.3, 0.4, 0.5), (0.2, 0.25, 0.3))
+    pixels = torch.randint(0, 256, (4, 9, 7, 3), dtype=torch.uint8, generator=_gen(12)).permute(0, 3, 1, 2)
+    fused = norm.from_uint8(pixels)  # channels-last input, as FFCV hands it out
+    assert fused.is_contiguous() and fused.dtype == torch.float32
+    torch.testing.assert_close(fused, norm(pixels.float() / 255), atol=1e-6, rtol=0)
+    assert ColorAugment(ViewSpec(jitter_p=0.0, grayscale_p=0.0)).is_identity
+    assert ColorAugment(ViewSpec(jitter=(0, 0, 0, 0), grayscale_p=0.0)).is_identity
+    assert not ColorAugment(ViewSpec(jitter_p=0.0, grayscale_p=0.0, solarize_p=0.1)).is_identity
+    assert not ColorAugment(ViewSpec()).is_identity
+
+
 def test_normalize_and_invalid_parameters() -> None:
     x = torch.full((2, 3, 4, 4), 0.5)
     out = Normalize((0.5, 0.25, 0.0), (0.5, 0.25, 0.5))(x)

@@ -106,6 +106,7 @@ def _reference_view(source: Source, epoch: int, batch: int, labels: torch.Tensor
 
 def test_batches_have_the_spec_shapes_and_cover_the_epoch(loader: ViewLoader, epochs: Batches) -> None:
     assert len(loader) == N // BATCH
+    assert loader._first_view == 2  # one image size: the views share one decode
     for batches in epochs.values():
         assert len(batches) == N // BATCH
         for views, labels in batches:
@@ -171,6 +172,36 @@ def test_abandoned_epoch_is_closed_and_torch_threads_are_kept(loader: ViewLoader
         assert torch.equal(first[0][0], again[0][0]) and torch.equal(first[0][0], epochs[0][0][0][0])
     finally:
         torch.set_num_threads(1)
+
+
+def test_mixed_image_sizes_are_cropped_by_a_decoder_per_view(tmp_path: Path) -> None:
+    """Files with one image size share one decode between the views; mixed sizes take the per-view decoder
+    path, with the same seeded crops."""
+    rng = np.random.default_rng(1)
+    imgs = [rng.integers(0, 256, (16, 16, 3) if i % 2 else (14, 20, 3), dtype=np.uint8) for i in range(16)]
+    m = write_beton(
+        [(img, i) for i, img in enumerate(imgs)],
+        tmp_path / "mixed.beton",
+        dataset="synthetic",
+        split="train",
+        num_classes=None,
+        grayscale=False,
+        progress=False,
+    )
+    ld = ViewLoader(tmp_path / "mixed.beton", [PLAIN], 8, device="cpu", seed=SEED)
+    try:
+        assert ld._first_view == 1  # no shared decoder
+        for b, (views, labels) in enumerate(ld.epoch(2)):
+            crops = [_reference_crop(imgs[int(i)], 2, int(i), 0, PLAIN, SEED) for i in labels]
+            ref = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float().div(255.0)
+            ref = (ref - torch.tensor(m.mean).view(1, 3, 1, 1)) / torch.tensor(m.std).view(1, 3, 1, 1)
+            assert float((views[0] - ref).abs().max()) < 3.0 / 255 / min(m.std), b
+    finally:
+        ld.close()
+    images, labels = next(iter(EvalLoader(tmp_path / "mixed.beton", 16, device="cpu")))
+    assert images.shape == (16, 3, 16, 16) and labels.tolist() == list(range(16))  # centre squares, resized
+    pixels = torch.round(_unnormalize(images, m.mean, m.std) * 255).to(torch.uint8).permute(0, 2, 3, 1)
+    assert torch.equal(pixels[1], torch.from_numpy(imgs[1]))  # a 16x16 image is its own centre square
 
 
 def test_eval_loader_returns_exact_pixels_in_order(source: Source) -> None:
