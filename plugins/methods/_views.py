@@ -2,9 +2,9 @@
 
 Small images (<= 64 px: Fashion-MNIST, CIFAR) get the changes SimCLR made for CIFAR-10 (Chen et al. 2020,
 appendix B.9): **no gaussian blur** (at 28-32 px a blur with a kernel of 10% of the side wipes out the little
-detail there is). The crop scale's lower bound is raised to 0.2 (MoCo v2 and SimSiam use 0.2 everywhere): FFCV's
-random-resized-crop decoder upsamples with ``INTER_AREA``, close to nearest-neighbour, so an 8% crop of a 28 px
-image (8x8 px) would become blocky rather than a plausible view.
+detail there is). The crop scale's lower bound is raised to 0.2 (MoCo v2 and SimSiam use 0.2 everywhere): an 8%
+crop of a 28 px image is an 8x8 patch, which holds too little of the object to be a plausible view of it (the
+loader upsamples bilinearly, so this is about content, not interpolation artefacts).
 """
 
 from __future__ import annotations
