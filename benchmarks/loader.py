@@ -48,6 +48,9 @@ import torch
 
 from sslrun.core.interfaces import ViewSpec
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import tv_view_transform  # the benchmarks' shared helpers live beside this script
+
 
 def simclr_views(image_size: int) -> list[ViewSpec]:
     """SimCLR's two views for this image size (the method plugin's own specs)."""
@@ -110,7 +113,7 @@ class _TwoViews(torch.utils.data.Dataset):
                 self.items.append((buf.getvalue(), label))
             else:
                 self.items.append((img, label))
-        self.transforms = [_tv_transform(v, mean, std) for v in views]
+        self.transforms = [tv_view_transform(v, mean, std) for v in views]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -121,28 +124,6 @@ class _TwoViews(torch.utils.data.Dataset):
         data, label = self.items[i]
         img = Image.open(io.BytesIO(data)).convert("RGB") if self.jpeg else Image.fromarray(data)
         return (*(t(img) for t in self.transforms), label)
-
-
-def _tv_transform(spec: ViewSpec, mean: list[float], std: list[float]) -> Any:
-    from torchvision.transforms import v2
-
-    from sslrun.core.augment import blur_kernel_size
-
-    t: list[Any] = [
-        v2.RandomResizedCrop(spec.size, scale=spec.scale, ratio=spec.ratio, antialias=True),
-        v2.RandomHorizontalFlip(spec.flip_p),
-    ]
-    if spec.jitter_p > 0:
-        t.append(v2.RandomApply([v2.ColorJitter(*spec.jitter)], p=spec.jitter_p))
-    if spec.grayscale_p > 0:
-        t.append(v2.RandomGrayscale(spec.grayscale_p))
-    if spec.blur_p > 0:
-        k = blur_kernel_size(spec.size)
-        t.append(v2.RandomApply([v2.GaussianBlur(k, spec.blur_sigma)], p=spec.blur_p))
-    if spec.solarize_p > 0:
-        t.append(v2.RandomSolarize(128, p=spec.solarize_p))
-    t += [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-    return v2.Compose(t)
 
 
 def _cpu_seconds() -> float:

@@ -327,8 +327,9 @@ def cached_features(
     Returns:
         ``(features, labels, hit)`` with ``hit`` True when the features came from the cache.
     """
-    if pre.fingerprint is None:  # a randomly initialised encoder: nothing stable to key a cache on
-        f, y = extract_features(
+
+    def extract() -> tuple[torch.Tensor, torch.Tensor]:
+        return extract_features(
             pre.encoder,
             path,
             device=device,
@@ -337,7 +338,9 @@ def cached_features(
             max_samples=max_samples,
             num_workers=num_workers,
         )
-        return f, y, False
+
+    if pre.fingerprint is None:  # a randomly initialised encoder: nothing stable to key a cache on
+        return (*extract(), False)
     assert pre.checkpoint is not None
     cache_dir = cache_dir or (pre.checkpoint.parent / "eval_cache")
     key = _cache_key(pre, path, max_samples, pre.image_size)
@@ -349,15 +352,7 @@ def cached_features(
                 return blob["features"], blob["labels"], True
         except Exception:  # a damaged cache file is recomputed, never fatal
             pass
-    f, y = extract_features(
-        pre.encoder,
-        path,
-        device=device,
-        batch_size=batch_size,
-        image_size=pre.image_size,
-        max_samples=max_samples,
-        num_workers=num_workers,
-    )
+    f, y = extract()
     try:
         _write_cache(file, {"format": FEATURE_CACHE_FORMAT, "key": key, "features": f, "labels": y})
     except OSError as exc:  # a read-only checkpoint folder (shared storage): evaluate anyway, uncached

@@ -273,6 +273,14 @@ def _check_view_salt(view: int) -> int:
     return view << 8  # low byte: which op (crop/flip); above it: which view
 
 
+def _check_crop_range(scale: tuple[float, float], ratio: tuple[float, float]) -> None:
+    """Reject crop ranges torchvision's RandomResizedCrop would also reject."""
+    if not 0 < scale[0] <= scale[1] <= 1:
+        raise ValueError(f"scale must satisfy 0 < lo <= hi <= 1, got {scale}")
+    if not 0 < ratio[0] <= ratio[1]:
+        raise ValueError(f"ratio must satisfy 0 < lo <= hi, got {ratio}")
+
+
 class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
     """Decode an ``RGBImageField`` and take a random-resized crop seeded by ``(seed, epoch, index, view)``.
 
@@ -293,10 +301,7 @@ class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
     ) -> None:
         super().__init__(output_size)
-        if not 0 < scale[0] <= scale[1] <= 1:
-            raise ValueError(f"scale must satisfy 0 < lo <= hi <= 1, got {scale}")
-        if not 0 < ratio[0] <= ratio[1]:
-            raise ValueError(f"ratio must satisfy 0 < lo <= hi, got {ratio}")
+        _check_crop_range(scale, ratio)
         self.state = state
         self.salt = _check_view_salt(view) | CROP_SALT
         self.scale = (float(scale[0]), float(scale[1]))
@@ -377,10 +382,7 @@ class SeededResizedCrop(Operation):
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
     ) -> None:
         super().__init__()
-        if not 0 < scale[0] <= scale[1] <= 1:
-            raise ValueError(f"scale must satisfy 0 < lo <= hi <= 1, got {scale}")
-        if not 0 < ratio[0] <= ratio[1]:
-            raise ValueError(f"ratio must satisfy 0 < lo <= hi, got {ratio}")
+        _check_crop_range(scale, ratio)
         self.state = state
         self.salt = _check_view_salt(view) | CROP_SALT
         self.output_size = (int(output_size[0]), int(output_size[1]))
