@@ -196,6 +196,21 @@ class ColorAugment:
         """Augment ``x`` ``(N, 3, H, W)`` float in [0, 1] (modified in place and returned)."""
         return self.apply(x, self.sample(x.shape[0], generator))
 
+    def from_uint8(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Augment uint8 pixels ``x`` ``(N, 3, H, W)`` (any layout): a new float32 NCHW tensor in [0, 1].
+
+        The same images as ``self(x / 255, generator)``. On the CPU, jitter and grayscale run in one fused numba
+        pass per image (:mod:`sslrun.core.color_cpu`, ~12x faster there than these torch ops); elsewhere, and for
+        blur and solarization, the torch ops below.
+        """
+        params = self.sample(x.shape[0], generator)
+        if x.device.type != "cpu":
+            return self.apply(x.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0), params)
+        from sslrun.core.color_cpu import to_float_jitter_gray  # numba: imported only where it runs
+
+        y = to_float_jitter_gray(x, params, self._enabled)
+        return self._blur_solarize(y, params)
+
     def apply(self, x: torch.Tensor, params: ColorParams) -> torch.Tensor:
         """Apply already drawn parameters to ``x`` (modified in place where possible, and returned).
 
@@ -204,12 +219,16 @@ class ColorAugment:
         decision (which rows, which operation) is taken on the CPU copy of the parameters, so on a GPU nothing
         here waits for the device; only small per-sample vectors are copied to it.
         """
-        dev = x.device
         if any(self._enabled) and bool(params.jitter.any()):
             x = self._jitter(x, params)
         if bool(params.gray.any()):
-            rows = params.gray.nonzero().squeeze(1).to(dev, non_blocking=True)
+            rows = params.gray.nonzero().squeeze(1).to(x.device, non_blocking=True)
             x = x.index_copy(0, rows, grayscale(x.index_select(0, rows)).expand(-1, 3, -1, -1))
+        return self._blur_solarize(x, params)
+
+    def _blur_solarize(self, x: torch.Tensor, params: ColorParams) -> torch.Tensor:
+        """The operations after jitter and grayscale: gaussian blur, then solarization, on their rows only."""
+        dev = x.device
         if bool(params.blur.any()):
             rows = params.blur.nonzero().squeeze(1)
             sigma = params.sigma[rows].to(dev, non_blocking=True)

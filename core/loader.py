@@ -451,10 +451,8 @@ class ViewLoader:
         if self._augment[i].is_identity and self._normalize is not None:  # crop + flip only: convert and normalise
             return self._normalize.from_uint8(x)
         g = torch.Generator().manual_seed(batch_seed(self.seed, epoch, batch, self.rank, i))
-        # A copy (FFCV's buffer is reused a few batches later, A3e), in standard NCHW layout: FFCV hands out a
-        # channels-last view, on which the per-channel arithmetic of the colour operations runs strided.
-        y = x.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
-        y = self._augment[i](y, g)
+        # A new float tensor (FFCV's buffer is reused a few batches later, A3e), in standard NCHW layout.
+        y = self._augment[i].from_uint8(x, g)
         if self._normalize is not None:
             y = self._normalize(y)
         return y.contiguous()  # a no-op unless an operation changed the layout
