@@ -14,7 +14,7 @@ import torch
 from sslrun.core.augment import ColorAugment
 from sslrun.core.color_cpu import to_float_jitter_gray
 from sslrun.core.interfaces import ViewSpec
-from tests.test_augment import _reference
+from test_augment import _reference  # tests/ is on sys.path (rootdir-relative, no package)
 
 _SPECS = {
     "simclr": ViewSpec(size=20, jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, grayscale_p=0.2),
