@@ -268,8 +268,7 @@ def extract_features(
         for images, y in loader:
             if image_size is not None and images.shape[-1] != image_size:
                 images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", antialias=True)
-            if cuda:
-                images = images.contiguous(memory_format=torch.channels_last)
+            images = images.contiguous(memory_format=torch.channels_last)  # faster convolutions, CPU too
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
                 f = encoder(images)
             feats.append(f.float().cpu())

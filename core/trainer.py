@@ -258,7 +258,9 @@ class _Trainer:
             torch.cuda.set_device(device)  # NCCL collectives and all_gather_object use the current device
         prec = cfg.system.precision
         self.bf16 = prec == "bf16" or (prec == "auto" and self.cuda)
-        self.channels_last = self.cuda and cfg.system.channels_last
+        # channels_last speeds up convolutions on CUDA (tensor cores) and on the CPU (oneDNN): measured here,
+        # small_cnn steps 1.46x and resnet18 1.07x faster (docs/benchmarks.md).
+        self.channels_last = cfg.system.channels_last
         # run state
         self.step = 0
         self.epoch = 0
