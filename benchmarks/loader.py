@@ -4,7 +4,8 @@ Both sides make 2 SimCLR views per image (``SimCLR.view_specs``: random-resized 
 grayscale p=0.2; no blur at these sizes, as in SimCLR's CIFAR setting) and return normalised float batches:
 
 * sslrun: :class:`sslrun.core.loader.ViewLoader` (FFCV decode + seeded crop/flip in numba threads, colour
-  augmentations batched in torch; here on the CPU, since that is the only device of the benchmark box);
+  augmentations per batch after the loader; here on the CPU, the only device of the benchmark box, where jitter and
+  grayscale run in the fused numba kernel of :mod:`sslrun.core.color_cpu`);
 * torchvision: ``DataLoader`` over PIL images with ``transforms.v2`` (RandomResizedCrop, RandomHorizontalFlip,
   RandomApply(ColorJitter, p=0.8), RandomGrayscale(0.2), PILToTensor, ToDtype, Normalize), the same number of
   worker processes as sslrun has FFCV threads, the same batch size.

@@ -10,9 +10,14 @@ settings**, and the benchmark reports steady-state images per second and the rat
   ``SimCLRTransform`` / ``BYOLTransform`` per image in worker processes, with parameters taken from the sslrun
   method's own view specs (crop scale, jitter, grayscale, blur, solarize: identical augmentations);
 * sslrun side: :func:`sslrun.core.trainer.train` (FFCV decode and crops in numba threads, colour augmentations
-  batched in torch), no online kNN monitor, no TensorBoard;
+  per batch in the fused CPU kernel, model in channels_last), no online kNN monitor, no TensorBoard;
 * both: global batch, SGD (momentum 0.9, weight decay 5e-4), ``torch.set_num_threads(--threads)``
   (``OMP_NUM_THREADS``), ``--workers`` FFCV threads = DataLoader worker processes, fp32 on this CPU.
+
+A third side, ``lightly+cl``, is the same lightly loop with the model and its inputs in channels_last memory
+format: sslrun's default on every device, and a one-line change a lightly user can make by hand (it makes the
+convolutions faster on this CPU too). The ratio against it separates what that default buys from what the rest
+of sslrun (the FFCV loader, the fused colour kernel) buys.
 
 Each side runs in its own fresh Python process (the lightly side with ``PYTHONPATH=benchmarks/.bench-env``,
 created with pip on first use: the project's virtualenv is never changed). **Steady state only:** every step is
@@ -22,7 +27,7 @@ whole steps. The time from process start to the first step is reported separatel
 
 Usage::
 
-    python benchmarks/throughput.py                       # SimCLR and BYOL, both sides (~5 min on 2 quiet cores)
+    python benchmarks/throughput.py                       # SimCLR and BYOL, all sides (~7 min on 2 quiet cores)
     python benchmarks/throughput.py --methods simclr --repeats 3 --json   # median of 3 interleaved runs
     python benchmarks/throughput.py --skip-lightly --steps 2 --warmup-steps 1 --max-samples 512 --batch-size 64
 """
@@ -58,6 +63,7 @@ from _common import (  # noqa: E402
 )
 
 METHODS = ("simclr", "byol")
+SIDES = ("sslrun", "lightly", "lightly+cl")
 SGD_MOMENTUM = 0.9
 WEIGHT_DECAY = 5e-4
 
@@ -155,7 +161,8 @@ def _lightly_transform(method: str, image_size: int, mean: list[float], std: lis
 
 
 def run_lightly(args: argparse.Namespace) -> dict[str, Any]:
-    """The lightly 1.6 way (its examples/pytorch/simclr.py and byol.py loops), on sslrun's small_cnn."""
+    """The lightly 1.6 way (its examples/pytorch/simclr.py and byol.py loops), on sslrun's small_cnn; with
+    ``--side lightly+cl``, model and inputs in channels_last memory format."""
     import copy
 
     import lightly
@@ -201,6 +208,9 @@ def run_lightly(args: argparse.Namespace) -> dict[str, Any]:
         deactivate_requires_grad(model["backbone_momentum"])
         deactivate_requires_grad(model["projection_head_momentum"])
         criterion = NegativeCosineSimilarity()
+    channels_last = args.side == "lightly+cl"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=args.lr * args.batch_size / 256, momentum=SGD_MOMENTUM, weight_decay=WEIGHT_DECAY)
     total = args.warmup_steps + args.steps + 1
@@ -208,6 +218,8 @@ def run_lightly(args: argparse.Namespace) -> dict[str, Any]:
     model.train()
     while len(times) < total:
         for (x0, x1), _ in loader:
+            if channels_last:
+                x0, x1 = (x.contiguous(memory_format=torch.channels_last) for x in (x0, x1))
             if args.method == "simclr":
                 z0 = model["head"](model["backbone"](x0))
                 z1 = model["head"](model["backbone"](x1))
@@ -245,7 +257,7 @@ def _side(side: str, args: argparse.Namespace, method: str) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--methods", method]
     cmd += _passthrough(args)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    if side == "lightly":
+    if side.startswith("lightly"):
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(BENCH_ENV), env.get("PYTHONPATH", "")) if p)
     with LoadSampler() as load:
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -291,7 +303,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="runs per side, interleaved; the median run is reported")
     p.add_argument("--skip-lightly", action="store_true", help="measure the sslrun side only (no lightly env)")
     p.add_argument("--json", action="store_true", help="print a JSON object as the last line")
-    p.add_argument("--side", choices=("sslrun", "lightly"), help=argparse.SUPPRESS)  # internal: one side, one method
+    p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # internal: one side, one method
     args = p.parse_args(argv)
     args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.method_list if m not in METHODS]
@@ -317,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         ensure_bench_env()
     before = machine_info()
     results: dict[str, dict[str, Any]] = {}
-    sides = ["sslrun"] if args.skip_lightly else ["sslrun", "lightly"]
+    sides = ["sslrun"] if args.skip_lightly else list(SIDES)
     for method in args.method_list:
         runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
         for i in range(args.repeats):  # interleaved, so a burst of load hits both sides alike
@@ -328,12 +340,13 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_lightly:
             r["ratio"] = r["sslrun"]["images_per_s"] / r["lightly"]["images_per_s"]
             r["ratio_median_step"] = r["lightly"]["median_step_s"] / r["sslrun"]["median_step_s"]
+            r["ratio_vs_channels_last"] = r["sslrun"]["images_per_s"] / r["lightly+cl"]["images_per_s"]
         results[method] = r
     load_after = round(os.getloadavg()[0], 2)
 
     rows = []
     for method, r in results.items():
-        s, lt = r["sslrun"], r.get("lightly")
+        s, lt, cl = r["sslrun"], r.get("lightly"), r.get("lightly+cl")
         rows.append(
             [
                 method,
@@ -341,16 +354,18 @@ def main(argv: list[str] | None = None) -> int:
                 f"{lt['images_per_s']:,.0f}" if lt else "skipped",
                 f"{r['ratio']:.2f}x" if lt else "-",
                 f"{r['ratio_median_step']:.2f}x" if lt else "-",
+                f"{cl['images_per_s']:,.0f}" if cl else "skipped",
+                f"{r['ratio_vs_channels_last']:.2f}x" if cl else "-",
                 f"{s['startup_s']:.1f}",
                 f"{lt['startup_s']:.1f}" if lt else "-",
-                f"{s['load']['load_mean']}" + (f" / {lt['load']['load_mean']}" if lt else ""),
+                " / ".join(str(x["load"]["load_mean"]) for x in (s, lt, cl) if x),
             ]
         )
     print_table(
         f"Training throughput, small_cnn (width {args.width}) on Fashion-MNIST 28x28, global batch {args.batch_size}, "
         f"{args.threads} torch threads, {args.workers} loader workers, CPU fp32",
-        ["method", "sslrun img/s", "lightly img/s", "ratio", "median-step ratio", "sslrun start-up s"]
-        + ["lightly start-up s", "load sslrun / lightly"],
+        ["method", "sslrun img/s", "lightly img/s", "ratio", "median-step ratio", "lightly+cl img/s"]
+        + ["ratio vs lightly+cl", "sslrun start-up s", "lightly start-up s", "load sslrun / lightly / +cl"],
         rows,
         notes=[
             f"steady state: {args.steps} timed steps after {args.warmup_steps} untimed warm-up steps "
@@ -358,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
             f"interleaved run(s) per side",
             "median-step ratio: the same comparison at each side's median step time (robust to steps slowed down "
             "by other processes; a large gap to the ratio means the machine was not quiet)",
+            "lightly+cl: the lightly loop with model and inputs in channels_last (sslrun's default, by hand)",
             f"load: mean 1-min load average while each side ran; {before['load_avg_1min']} before, {load_after} "
             f"after, on {before['cpu_count']} cores ({before['cpu']}); {before['date']}",
         ],

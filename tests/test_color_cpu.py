@@ -10,11 +10,11 @@ import dataclasses
 
 import pytest
 import torch
+from test_augment import _reference  # tests/ is on sys.path (rootdir-relative, no package)
 
 from sslrun.core.augment import ColorAugment
 from sslrun.core.color_cpu import to_float_jitter_gray
 from sslrun.core.interfaces import ViewSpec
-from test_augment import _reference  # tests/ is on sys.path (rootdir-relative, no package)
 
 _SPECS = {
     "simclr": ViewSpec(size=20, jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, grayscale_p=0.2),
