@@ -12,8 +12,9 @@ Per method:
    separately.
 2. **Pretraining** with :func:`sslrun.core.trainer.train` on the 60k train images (their labels are not used),
    with the CPU settings of :data:`METHOD_SETTINGS` (smaller heads than the papers' 4096-8192-wide ones, as in
-   lightly's CIFAR-10 benchmark) and one shared optimiser recipe (SGD 0.12 per 256 images, momentum
-   0.9, weight decay 5e-4, warm-up 10% then cosine: lightly's CIFAR-10 benchmark recipe).
+   lightly's CIFAR-10 benchmark) and one shared optimiser recipe (SGD 0.12 per 256 images, momentum 0.9, weight
+   decay 5e-4, warm-up 10% then cosine: lightly's CIFAR-10 benchmark recipe), except for the methods in
+   :data:`METHOD_OPTIM`, which use their paper's optimiser.
 3. **Evaluation** with :func:`sslrun.core.evaluation.evaluate` (what ``sslrun eval knn|linear|finetune`` runs) on
    the 10k test images; label subsets are class-balanced and seeded, identical for every method and for the
    from-scratch baseline.
@@ -67,6 +68,11 @@ METHOD_SETTINGS: dict[str, dict[str, Any]] = {
 }
 #: The shared optimiser recipe (lightly's CIFAR-10 benchmark: SGD 6e-2 at batch 128 = 0.12 per 256).
 OPTIM = {"optim.name": "sgd", "optim.lr": 0.12, "optim.momentum": 0.9, "optim.weight_decay": 5e-4}
+#: Methods that do not train with the shared recipe get their paper's optimiser instead. VICReg (Bardes et al.
+#: 2022, LARS, base lr 0.2 per 256, weight decay 1e-6): with SGD at 0.12 its loss went non-finite at step 14.
+METHOD_OPTIM: dict[str, dict[str, Any]] = {
+    "vicreg": {"optim.name": "lars", "optim.lr": 0.2, "optim.weight_decay": 1e-6},
+}
 #: Fashion-MNIST paper (Xiao, Rasul & Vollgraf 2017, arXiv:1708.07747), best classical baseline: SVC, 0.897.
 SVC_BASELINE = 0.897
 #: Targets of the issue.
@@ -125,7 +131,8 @@ def base_config(args: argparse.Namespace, method: str, output: Path) -> Any:
     data["system"].update({"device": "cpu", "seed": args.seed})
     data["log"].update({"tensorboard": True, "progress": "plain", "checkpoint_every": 10**9, "visuals_every": 0})
     data["output"] = str(output)
-    overrides = [f"{k}={v}" for k, v in OPTIM.items()] + list(args.set or [])
+    optim = OPTIM | METHOD_OPTIM.get(method, {})
+    overrides = [f"{k}={v}" for k, v in optim.items()] + list(args.set or [])
     return ExperimentConfig.from_dict(apply_overrides(data, overrides))
 
 
@@ -486,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         k: getattr(args, k)
         for k in ("minutes", "batch_size", "workers", "threads", "seed", "evals", "max_samples", "eval_max_samples")
     }
-    settings |= {"set": args.set or [], "optim": OPTIM, "linear_iters": args.linear_iters}
+    settings |= {"set": args.set or [], "optim": OPTIM, "method_optim": METHOD_OPTIM, "linear_iters": args.linear_iters}
     settings |= {"finetune_epochs": args.finetune_epochs, "steps_per_s": args.steps_per_s}
     report: dict[str, Any] = {"settings": settings, "machine": machine_info(), "methods": {}}
     try:
