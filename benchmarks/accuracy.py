@@ -13,8 +13,8 @@ Per method:
 2. **Pretraining** with :func:`sslrun.core.trainer.train` on the 60k train images (their labels are not used),
    with the CPU settings of :data:`METHOD_SETTINGS` (smaller heads than the papers' 4096-8192-wide ones, as in
    lightly's CIFAR-10 benchmark) and one shared optimiser recipe (SGD 0.12 per 256 images, momentum 0.9, weight
-   decay 5e-4, warm-up 10% then cosine: lightly's CIFAR-10 benchmark recipe), except for the methods in
-   :data:`METHOD_OPTIM`, which use their paper's optimiser.
+   decay 5e-4, warm-up 10% then cosine: lightly's CIFAR-10 benchmark recipe), except for the keys a method
+   declares in ``Method.optim_defaults`` (VICReg: its paper's LARS), as ``sslrun train`` applies them.
 3. **Evaluation** with :func:`sslrun.core.evaluation.evaluate` (what ``sslrun eval knn|linear|finetune`` runs) on
    the 10k test images; label subsets are class-balanced and seeded, identical for every method and for the
    from-scratch baseline.
@@ -68,11 +68,6 @@ METHOD_SETTINGS: dict[str, dict[str, Any]] = {
 }
 #: The shared optimiser recipe (lightly's CIFAR-10 benchmark: SGD 6e-2 at batch 128 = 0.12 per 256).
 OPTIM = {"optim.name": "sgd", "optim.lr": 0.12, "optim.momentum": 0.9, "optim.weight_decay": 5e-4}
-#: Methods that do not train with the shared recipe get their paper's optimiser instead. VICReg (Bardes et al.
-#: 2022, LARS, base lr 0.2 per 256, weight decay 1e-6): with SGD at 0.12 its loss went non-finite at step 14.
-METHOD_OPTIM: dict[str, dict[str, Any]] = {
-    "vicreg": {"optim.name": "lars", "optim.lr": 0.2, "optim.weight_decay": 1e-6},
-}
 #: Fashion-MNIST paper (Xiao, Rasul & Vollgraf 2017, arXiv:1708.07747), best classical baseline: SVC, 0.897.
 SVC_BASELINE = 0.897
 #: Targets of the issue.
@@ -110,6 +105,16 @@ def eval_key(kind: str, fraction: float) -> str:
     return kind if fraction == 1.0 else f"{kind}@{fraction:g}"
 
 
+def method_optim(method: str) -> dict[str, Any]:
+    """The optimiser keys ``method`` sets over the shared recipe (``Method.optim_defaults``, as ``optim.*``).
+
+    VICReg's (LARS, lr 0.2, wd 1e-6) exist because with SGD at 0.12 its loss went non-finite at step 14.
+    """
+    from sslrun.core.resolve import method_class
+
+    return {f"optim.{k}": v for k, v in method_class(method).optim_defaults.items()}
+
+
 def base_config(args: argparse.Namespace, method: str, output: Path) -> Any:
     """The pretraining config of ``method``: CPU settings, the shared optimiser, then ``--set`` overrides."""
     from sslrun.core.config import ExperimentConfig, apply_overrides, default_data_dir
@@ -131,7 +136,7 @@ def base_config(args: argparse.Namespace, method: str, output: Path) -> Any:
     data["system"].update({"device": "cpu", "seed": args.seed})
     data["log"].update({"tensorboard": True, "progress": "plain", "checkpoint_every": 10**9, "visuals_every": 0})
     data["output"] = str(output)
-    optim = OPTIM | METHOD_OPTIM.get(method, {})
+    optim = OPTIM | method_optim(method)
     overrides = [f"{k}={v}" for k, v in optim.items()] + list(args.set or [])
     return ExperimentConfig.from_dict(apply_overrides(data, overrides))
 
@@ -493,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         k: getattr(args, k)
         for k in ("minutes", "batch_size", "workers", "threads", "seed", "evals", "max_samples", "eval_max_samples")
     }
-    settings |= {"set": args.set or [], "optim": OPTIM, "method_optim": METHOD_OPTIM, "linear_iters": args.linear_iters}
+    settings |= {"set": args.set or [], "optim": OPTIM, "linear_iters": args.linear_iters}
     settings |= {"finetune_epochs": args.finetune_epochs, "steps_per_s": args.steps_per_s}
     report: dict[str, Any] = {"settings": settings, "machine": machine_info(), "methods": {}}
     try:
@@ -510,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(mdir)
             train_info = pretrain(args, method, mdir / "run")
             evals = run_evals(args, method, train_info["checkpoint"], args.eval_list, mdir / "eval")
-            result = {"train": train_info, "evals": evals}
+            result = {"train": train_info, "optim": OPTIM | method_optim(method), "evals": evals}
             done_file.write_text(json.dumps({"settings": settings, "result": result}, indent=2) + "\n")
             report["methods"][method] = result
         if any(kind == "finetune" for kind, _ in args.eval_list):

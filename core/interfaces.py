@@ -114,6 +114,10 @@ class Method(nn.Module, ABC):
     Config: ClassVar[type] = object
     #: True for methods whose augmentations or targets need colour; refused on grayscale datasets.
     requires_color: ClassVar[bool] = False
+    #: ``optim`` settings (``{"name": "lars", "lr": 0.2}``) the method needs instead of sslrun's defaults, e.g. the
+    #: paper's optimiser where the default SGD diverges. :func:`sslrun.core.config.build_config` layers them just
+    #: above the defaults: a config file, a flag or ``--set`` still overrides each key.
+    optim_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, encoder: nn.Module, cfg: Any) -> None:
         super().__init__()

@@ -37,6 +37,23 @@ def test_layers_take_precedence_in_order(tmp_path: Path) -> None:
     assert cfg.output == "from-file"
 
 
+def test_method_optim_defaults_sit_under_every_user_layer(tmp_path: Path) -> None:
+    """VICReg's paper optimiser replaces sslrun's defaults, but a file, a flag or --set still wins key by key."""
+    defaults = ExperimentConfig().optim
+    vicreg = build_config(None, {"method.name": "vicreg"})
+    assert (vicreg.optim.name, vicreg.optim.lr, vicreg.optim.weight_decay) == ("lars", 0.2, 1e-6)
+    assert vicreg.optim.momentum == defaults.momentum  # keys the method does not declare keep sslrun's default
+    assert build_config(None, {"method.name": "simclr"}).optim == defaults  # methods without any keep them all
+    flagged = build_config(None, {"method.name": "vicreg", "optim.lr": 0.1})
+    assert (flagged.optim.name, flagged.optim.lr) == ("lars", 0.1)
+    f = tmp_path / "exp.toml"
+    f.write_text('[method]\nname = "vicreg"\n[optim]\nname = "sgd"\n')
+    from_file = build_config(f, None, ["optim.weight_decay=5e-4"])
+    assert (from_file.optim.name, from_file.optim.lr, from_file.optim.weight_decay) == ("sgd", 0.2, 5e-4)
+    # an unknown method is not this layer's error: validation names it with the list of valid methods
+    assert build_config(None, {"method.name": "nope"}).optim == defaults
+
+
 def test_yaml_config_file(tmp_path: Path) -> None:
     f = tmp_path / "exp.yaml"
     f.write_text("method:\n  name: byol\n  kwargs: {tau_base: 0.99}\nschedule:\n  epochs: 3\n")
