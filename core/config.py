@@ -67,6 +67,9 @@ class DataCfg:
     os_cache: bool = True  # memory-map the .beton (page cache shared by ranks on a node) vs per-process cache
     format: Literal["raw", "jpg"] = "raw"  # how images are stored when a split is prepared on first use
     max_samples: int | None = None  # use only the first N samples (quick runs, tests)
+    # ViewSpec fields set on every view of the method, e.g. {scale = [0.4, 1.0], solarize_p = 0.0}: tune the
+    # paper's augmentations to your data without writing a plugin (see docs/data.md)
+    view_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

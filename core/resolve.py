@@ -16,7 +16,7 @@ from torch import nn
 
 from sslrun.core.config import ExperimentConfig, coerce_dataclass
 from sslrun.core.errors import ConfigError, SslrunError, UnknownPluginError
-from sslrun.core.interfaces import Dataset, Method
+from sslrun.core.interfaces import Dataset, Method, ViewSpec
 from sslrun.core.registry import get_registry
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "check_plugin_versions",
     "method_class",
     "method_config",
+    "method_views",
     "validate_plugins",
 ]
 
@@ -49,6 +50,28 @@ def method_config(cfg: ExperimentConfig) -> Any:
     """``method.kwargs`` checked against and converted to the method's own ``Config`` dataclass."""
     cls = method_class(cfg.method.name)
     return coerce_dataclass(cls.Config, cfg.method.kwargs, f"method.kwargs ({cfg.method.name})")
+
+
+def method_views(cfg: ExperimentConfig, image_size: int) -> list[ViewSpec]:
+    """The method's views for ``image_size`` px sources, with ``data.view_overrides`` set on every one.
+
+    Raises:
+        ConfigError: an override names no ViewSpec field or gives it a value the field refuses.
+    """
+    specs = method_class(cfg.method.name).view_specs(method_config(cfg), image_size)
+    overrides = dict(cfg.data.view_overrides)
+    if not overrides:
+        return specs
+    fields = {f.name: f for f in dataclasses.fields(ViewSpec)}
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown data.view_overrides key {unknown[0]!r}; valid: {', '.join(fields)}")
+    # TOML/--set give lists where ViewSpec holds tuples (scale, ratio, jitter, blur_sigma)
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    try:
+        return [dataclasses.replace(spec, **values) for spec in specs]
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"data.view_overrides {overrides}: {e}; fix the value (see docs/data.md)") from None
 
 
 def dataset_config(cfg: ExperimentConfig) -> Any:
@@ -136,6 +159,7 @@ def validate_plugins(cfg: ExperimentConfig) -> ExperimentConfig:
     versions[f"dataset:{cfg.data.dataset}"] = get_registry("dataset").info(cfg.data.dataset).dist_version
     info = dcls(dataset_config(cfg)).info()
     _dry_build(cfg, info.image_size)
+    method_views(cfg, info.image_size)
     if getattr(mcls, "requires_color", False) and info.grayscale:
         raise ConfigError(
             f"method {cfg.method.name!r} needs colour images but dataset {cfg.data.dataset!r} is grayscale; "

@@ -330,8 +330,7 @@ class _Trainer:
 
         # method (same initial weights on every rank; DDP also broadcasts rank 0's)
         _seed_all(cfg.system.seed)
-        method_cls = resolve.method_class(cfg.method.name)
-        views = method_cls.view_specs(resolve.method_config(cfg), self.image_size)
+        views = resolve.method_views(cfg, self.image_size)
         method = resolve.build_method(cfg, self.image_size).to(self.device)
         if self.channels_last:
             method = method.to(memory_format=torch.channels_last)

@@ -161,3 +161,18 @@ def test_construction_errors_surface_on_the_driver() -> None:
     with pytest.raises(ConfigError, match="mae needs a ViT encoder"):
         validate_plugins(cfg)
     validate_plugins(build_config(None, {"method.name": "mae", "encoder.name": "vit_tiny"}))
+
+
+def test_view_overrides_set_every_view_and_refuse_bad_keys() -> None:
+    """data.view_overrides retunes the paper's augmentations; typos and bad values fail on the driver, in one line."""
+    from sslrun.core.resolve import method_views
+
+    paper = method_views(build_config(None, {"method.name": "byol"}), 28)
+    tuned = method_views(build_config(None, {"method.name": "byol"}, ["data.view_overrides.scale=[0.4, 1.0]"]), 28)
+    assert [v.scale for v in tuned] == [(0.4, 1.0)] * len(paper)
+    # every other field is the method's own (BYOL's asymmetric pair: view 2 solarizes, view 1 does not)
+    assert [v.solarize_p for v in tuned] == [v.solarize_p for v in paper] == [0.0, 0.2]
+    with pytest.raises(ConfigError, match="unknown data.view_overrides key 'scal'; valid: size, scale"):
+        validate_plugins(build_config(None, None, ["data.view_overrides.scal=[0.4, 1.0]"]))
+    with pytest.raises(ConfigError, match="0 < lo <= hi <= 1"):
+        validate_plugins(build_config(None, None, ["data.view_overrides.scale=[0.9, 0.1]"]))
