@@ -62,7 +62,7 @@ def method_views(cfg: ExperimentConfig, image_size: int) -> list[ViewSpec]:
     overrides = dict(cfg.data.view_overrides)
     if not overrides:
         return specs
-    fields = {f.name: f for f in dataclasses.fields(ViewSpec)}
+    fields = [f.name for f in dataclasses.fields(ViewSpec)]
     unknown = sorted(set(overrides) - set(fields))
     if unknown:
         raise ConfigError(f"unknown data.view_overrides key {unknown[0]!r}; valid: {', '.join(fields)}")
