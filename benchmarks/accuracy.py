@@ -14,7 +14,7 @@ Per method:
    with the CPU settings of :data:`METHOD_SETTINGS` (smaller heads than the papers' 4096-8192-wide ones, as in
    lightly's CIFAR-10 benchmark) and one shared optimiser recipe (SGD 0.12 per 256 images, momentum 0.9, weight
    decay 5e-4, warm-up 10% then cosine: lightly's CIFAR-10 benchmark recipe), except for the keys a method
-   declares in ``Method.optim_defaults`` (VICReg: its paper's LARS), as ``sslrun train`` applies them.
+   declares in ``Method.optim_defaults`` (VICReg, Barlow Twins: their papers' LARS), as ``sslrun train`` applies them.
 3. **Evaluation** with :func:`sslrun.core.evaluation.evaluate` (what ``sslrun eval knn|linear|finetune`` runs) on
    the 10k test images; label subsets are class-balanced and seeded, identical for every method and for the
    from-scratch baseline.
@@ -35,6 +35,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -108,7 +109,8 @@ def eval_key(kind: str, fraction: float) -> str:
 def method_optim(method: str) -> dict[str, Any]:
     """The optimiser keys ``method`` sets over the shared recipe (``Method.optim_defaults``, as ``optim.*``).
 
-    VICReg's (LARS, lr 0.2, wd 1e-6) exist because with SGD at 0.12 its loss went non-finite at step 14.
+    VICReg's and Barlow Twins' (their papers' LARS) exist because with SGD at 0.12 VICReg's loss went non-finite
+    at step 14 and Barlow Twins reached a 71.4% linear probe in 3 minutes against 86.0% with LARS.
     """
     from sslrun.core.resolve import method_class
 
@@ -230,6 +232,7 @@ def pretrain(args: argparse.Namespace, method: str, run_dir: Path) -> dict[str, 
         "start_unix": timer.start_unix,
         "online_knn_top1": result.metrics.get("knn/top1"),
         "method_kwargs": cfg.method.kwargs,
+        "optim": dataclasses.asdict(cfg.optim),  # what the run used: shared recipe < method's own < --set
     }
 
 
@@ -515,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(mdir)
             train_info = pretrain(args, method, mdir / "run")
             evals = run_evals(args, method, train_info["checkpoint"], args.eval_list, mdir / "eval")
-            result = {"train": train_info, "optim": OPTIM | method_optim(method), "evals": evals}
+            result = {"train": train_info, "evals": evals}
             done_file.write_text(json.dumps({"settings": settings, "result": result}, indent=2) + "\n")
             report["methods"][method] = result
         if any(kind == "finetune" for kind, _ in args.eval_list):

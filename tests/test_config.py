@@ -43,6 +43,8 @@ def test_method_optim_defaults_sit_under_every_user_layer(tmp_path: Path) -> Non
     vicreg = build_config(None, {"method.name": "vicreg"})
     assert (vicreg.optim.name, vicreg.optim.lr, vicreg.optim.weight_decay) == ("lars", 0.2, 1e-6)
     assert vicreg.optim.momentum == defaults.momentum  # keys the method does not declare keep sslrun's default
+    barlow = build_config(None, {"method.name": "barlow_twins"})
+    assert (barlow.optim.name, barlow.optim.lr, barlow.optim.weight_decay) == ("lars", 0.2, 1.5e-6)
     assert build_config(None, {"method.name": "simclr"}).optim == defaults  # methods without any keep them all
     flagged = build_config(None, {"method.name": "vicreg", "optim.lr": 0.1})
     assert (flagged.optim.name, flagged.optim.lr) == ("lars", 0.1)
