@@ -96,9 +96,9 @@ def experiment_from_cli(
     extra: dict[str, Any] | None = None,
 ) -> Any:
     """defaults < --config file < flags < --set; plugin names and kwargs are validated here, on the driver."""
-    from sslrun.core.config import build_config
     from sslrun.core.errors import ConfigError
-    from sslrun.core.resolve import validate_plugins
+    from sslrun.core.plugins.build import build_config
+    from sslrun.core.plugins.resolve import validate_plugins
 
     if method and pretext and method != pretext:
         raise ConfigError(f"--method {method} and --pretext {pretext} disagree; give one of them")
@@ -132,7 +132,7 @@ def plugins_list(
 ) -> None:
     """Name, kind, distribution==version and status (ok / broken: reason) of every plugin."""
     from sslrun.core.errors import ConfigError
-    from sslrun.core.registry import KINDS, get_registry
+    from sslrun.core.plugins.registry import KINDS, get_registry
 
     if kind is not None and kind not in KINDS:
         raise ConfigError(f"unknown plugin kind {kind!r}; kinds: {', '.join(KINDS)}")
@@ -160,7 +160,7 @@ def plugins_list(
 @friendly
 def plugins_check() -> None:
     """Import and validate every plugin; exit 1 if any is broken."""
-    from sslrun.core.registry import KINDS, get_registry
+    from sslrun.core.plugins.registry import KINDS, get_registry
 
     broken = 0
     for k in KINDS:
@@ -250,8 +250,8 @@ def data_prepare(
     """Write a dataset split as an FFCV .beton (+ manifest) into the cache (or --output); reused when cached."""
     import warnings
 
-    from sslrun.core.beton import prepare_dataset
     from sslrun.core.config import DataCfg, coerce_dataclass
+    from sslrun.core.data.beton import prepare_dataset
 
     data: dict[str, Any] = {"dataset": name, "dataset_kwargs": _dataset_kwargs(settings), "root": root, "format": fmt}
     if data_dir is not None:
@@ -285,7 +285,7 @@ def data_inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Count, fields, image sizes, label histogram and mean/std of a .beton; optional sample and view grids."""
-    from sslrun.core.inspect_data import summarize, write_sample_grid, write_views_grid
+    from sslrun.core.data.inspect import summarize, write_sample_grid, write_views_grid
 
     info = summarize(file)
     if grid is not None:
@@ -341,7 +341,7 @@ def train_cmd(
     """
     import os
 
-    from sslrun.core.trainer import check_output_free, summary_line, train
+    from sslrun.core.train.trainer import check_output_free, summary_line, train
 
     cfg = experiment_from_cli(
         config,
@@ -401,7 +401,7 @@ SettingsOpt = Annotated[
 
 def _run_eval(kind: str, checkpoint: str | None, as_json: bool, options: dict[str, Any], **kwargs: Any) -> None:
     """Shared body of the `eval` commands: run, then print a rich table (or only the JSON)."""
-    from sslrun.core.evaluation import EvalOptions, evaluate, result_rows
+    from sslrun.core.eval.evaluate import EvalOptions, evaluate, result_rows
 
     result, path = evaluate(kind, checkpoint, options=EvalOptions(**options), **kwargs)  # type: ignore[arg-type]
     if as_json:
@@ -535,7 +535,7 @@ def export_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Write the encoder's weights alone (plain state_dict + metadata), loadable without sslrun."""
-    from sslrun.core.export import export_encoder
+    from sslrun.core.eval.export import export_encoder
 
     meta = export_encoder(checkpoint, output)
     if as_json:

@@ -1,5 +1,5 @@
 """Helpers shared by the benchmark scripts: result tables, the ``--json`` last line, machine facts, the benchmarks'
-own package environment (lightly, matplotlib), step timing of ``sslrun.core.trainer.train`` and torchvision views.
+own package environment (lightly, matplotlib), step timing of ``sslrun.core.train.trainer.train`` and torchvision views.
 
 The scripts in ``benchmarks/`` are run as ``python benchmarks/<name>.py`` (this folder is then on ``sys.path``);
 they are not part of the installed package.
@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from sslrun.core.interfaces import ViewSpec
-from sslrun.core.trainer import TrainHooks
+from sslrun.core.system import usable_cores
+from sslrun.core.train.trainer import TrainHooks
 
 __all__ = [
     "BENCH_ENV",
@@ -93,11 +94,6 @@ def _jsonable(x: Any) -> Any:
     if hasattr(x, "item"):
         return x.item()
     return str(x)
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (the affinity mask, not the machine's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def machine_info() -> dict[str, Any]:
@@ -302,7 +298,7 @@ def tv_view_transform(spec: ViewSpec, mean: Sequence[float], std: Sequence[float
     (4x less data through the DataLoader's shared memory and the host-to-device copy)."""
     from torchvision.transforms import v2
 
-    from sslrun.core.augment import blur_kernel_size
+    from sslrun.core.data.augment import blur_kernel_size
 
     t: list[Any] = [
         v2.RandomResizedCrop(spec.size, scale=spec.scale, ratio=spec.ratio, antialias=True),

@@ -10,12 +10,12 @@ Per method:
    passes 115% of the budget (a machine that got slower). The budget counts training steps only: start-up (FFCV
    JIT, data preparation) and the online kNN monitor (which draws the accuracy-vs-time curve) are reported
    separately.
-2. **Pretraining** with :func:`sslrun.core.trainer.train` on the 60k train images (their labels are not used),
+2. **Pretraining** with :func:`sslrun.core.train.trainer.train` on the 60k train images (their labels are not used),
    with the CPU settings of :data:`METHOD_SETTINGS` (smaller heads than the papers' 4096-8192-wide ones, as in
    lightly's CIFAR-10 benchmark) and one shared optimiser recipe (SGD 0.12 per 256 images, momentum 0.9, weight
    decay 5e-4, warm-up 10% then cosine: lightly's CIFAR-10 benchmark recipe), except for the keys a method
    declares in ``Method.optim_defaults`` (VICReg, Barlow Twins: their papers' LARS), as ``sslrun train`` applies them.
-3. **Evaluation** with :func:`sslrun.core.evaluation.evaluate` (what ``sslrun eval knn|linear|finetune`` runs) on
+3. **Evaluation** with :func:`sslrun.core.eval.evaluate.evaluate` (what ``sslrun eval knn|linear|finetune`` runs) on
    the 10k test images; label subsets are class-balanced and seeded, identical for every method and for the
    from-scratch baseline.
 
@@ -112,7 +112,7 @@ def method_optim(method: str) -> dict[str, Any]:
     VICReg's and Barlow Twins' (their papers' LARS) exist because with SGD at 0.12 VICReg's loss went non-finite
     at step 14 and Barlow Twins reached a 71.4% linear probe in 3 minutes against 86.0% with LARS.
     """
-    from sslrun.core.resolve import method_class
+    from sslrun.core.plugins.resolve import method_class
 
     return {f"optim.{k}": v for k, v in method_class(method).optim_defaults.items()}
 
@@ -146,7 +146,7 @@ def base_config(args: argparse.Namespace, method: str, output: Path) -> Any:
 def calibrate(cfg: Any, warmup: int, steps: int) -> dict[str, float]:
     """Steady-state steps/s of ``cfg``'s method on this machine: a short run with the same data, model and batch."""
     from sslrun.core.config import ExperimentConfig
-    from sslrun.core.trainer import train
+    from sslrun.core.train.trainer import train
 
     timer = StepTimer()
     with tempfile.TemporaryDirectory(prefix="sslrun-calib-") as tmp:
@@ -183,7 +183,7 @@ def plan_schedule(budget_s: float, steps_per_s: float, steps_per_epoch: int, mon
 # ---- one method ---------------------------------------------------------------------------------------------------
 def pretrain(args: argparse.Namespace, method: str, run_dir: Path) -> dict[str, Any]:
     """Calibrate, pretrain ``method`` within the budget, and return what happened."""
-    from sslrun.core.trainer import train
+    from sslrun.core.train.trainer import train
 
     cfg = base_config(args, method, run_dir)
     t_cal = time.perf_counter()
@@ -237,7 +237,7 @@ def pretrain(args: argparse.Namespace, method: str, run_dir: Path) -> dict[str, 
 
 
 def _num_train_samples(cfg: Any) -> int:
-    from sslrun.core.beton import ensure_prepared, verify_beton
+    from sslrun.core.data.beton import ensure_prepared, verify_beton
 
     n = verify_beton(ensure_prepared(cfg.data, cfg.data.split)).num_samples
     return min(n, cfg.data.max_samples or n)
@@ -254,7 +254,7 @@ def run_evals(
 ) -> dict[str, dict[str, Any]]:
     """Every requested evaluation of ``checkpoint`` (or, ``from_scratch``, of its architecture from random
     weights: fine-tuning only). Returns ``{key: {"top1", "top5", "seconds", "num_labelled"}}``."""
-    from sslrun.core.evaluation import EvalOptions, evaluate
+    from sslrun.core.eval.evaluate import EvalOptions, evaluate
 
     results = {}
     for kind, frac in evals:
@@ -464,7 +464,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print a JSON object as the last line")
     args = p.parse_args(argv)
     args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
-    from sslrun.core.registry import get_registry
+    from sslrun.core.plugins.registry import get_registry
 
     known = set(get_registry("method").names())
     unknown = [m for m in args.method_list if m not in known]

@@ -6,7 +6,7 @@ NT-Xent over the batch) with the same optimiser (SGD), global batch, bf16 autoca
 images: a synthetic set of ``--image-size`` px JPEGs (quality 90; the ``synthetic`` dataset plugin, so no
 download is needed on an offline GPU box):
 
-* **sslrun**: :func:`sslrun.core.trainer.train` reading the ``.beton`` (FFCV JPEG decode + random-resized crop +
+* **sslrun**: :func:`sslrun.core.train.trainer.train` reading the ``.beton`` (FFCV JPEG decode + random-resized crop +
   flip in ``--workers`` numba threads, colour jitter/grayscale/blur/solarize batched on the GPU);
 * **torchvision**: ``DataLoader`` with ``--workers`` worker processes decoding the same JPEG bytes with PIL and
   applying ``transforms.v2`` built from the same view specs (uint8 out of the workers, pinned memory,
@@ -111,7 +111,7 @@ def encode_jpegs(cfg: Any) -> list[bytes]:
     """The synthetic train split as JPEG bytes (quality 90, as the .beton is written)."""
     from PIL import Image
 
-    from sslrun.core.resolve import build_dataset
+    from sslrun.core.plugins.resolve import build_dataset
 
     split = build_dataset(_experiment(cfg, "resnet18")).open_split("train")
     out = []
@@ -139,8 +139,8 @@ def _experiment(data: Any, model: str, output: str = "unused", device: str = "cp
 
 # ---- the two sides ------------------------------------------------------------------------------------------------
 def run_sslrun(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
-    """Steady-state images/s of :func:`sslrun.core.trainer.train` (FFCV pipeline)."""
-    from sslrun.core.trainer import train
+    """Steady-state images/s of :func:`sslrun.core.train.trainer.train` (FFCV pipeline)."""
+    from sslrun.core.train.trainer import train
 
     timer = StepTimer()
     with tempfile.TemporaryDirectory(prefix="sslrun-gpu-") as out:
@@ -154,9 +154,9 @@ def run_sslrun(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
 
 def run_torchvision(args: argparse.Namespace, cfg: Any, jpegs: list[bytes], device: torch.device) -> dict[str, Any]:
     """The same method, optimiser and precision, fed by a torchvision ``DataLoader``."""
-    from sslrun.core.beton import ensure_prepared, verify_beton
-    from sslrun.core.optim import build_optimizer
-    from sslrun.core.resolve import build_method, method_class, method_config
+    from sslrun.core.data.beton import ensure_prepared, verify_beton
+    from sslrun.core.plugins.resolve import build_method, method_class, method_config
+    from sslrun.core.train.optim import build_optimizer
 
     t0 = time.perf_counter()
     manifest = verify_beton(ensure_prepared(cfg.data, "train", progress=False))  # for its mean/std
@@ -207,7 +207,7 @@ def step_flops(cfg: Any, batch: int, size: int, device: torch.device) -> int:
     ``FlopCounterMode`` on random inputs (the count does not depend on the pixels)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from sslrun.core.resolve import build_method
+    from sslrun.core.plugins.resolve import build_method
 
     method = build_method(cfg, size).to(device)
     cuda = device.type == "cuda"
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="sslrun-gpu-data-") as tmp:
         data_dir = args.data_dir or tmp
-        from sslrun.core.beton import ensure_prepared
+        from sslrun.core.data.beton import ensure_prepared
 
         print("  preparing the synthetic JPEG .beton ...", file=sys.stderr, flush=True)
         ensure_prepared(data_cfg(args, data_dir), "train", num_workers=max(1, min(8, usable_cores())), progress=False)

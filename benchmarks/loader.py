@@ -3,9 +3,9 @@
 Both sides make 2 SimCLR views per image (``SimCLR.view_specs``: random-resized crop, flip, colour jitter p=0.8,
 grayscale p=0.2; no blur at these sizes, as in SimCLR's CIFAR setting) and return normalised float batches:
 
-* sslrun: :class:`sslrun.core.loader.ViewLoader` (FFCV decode + seeded crop/flip in numba threads, colour
+* sslrun: :class:`sslrun.core.data.loader.ViewLoader` (FFCV decode + seeded crop/flip in numba threads, colour
   augmentations per batch after the loader; here on the CPU, the only device of the benchmark box, where jitter and
-  grayscale run in the fused numba kernel of :mod:`sslrun.core.color_cpu`);
+  grayscale run in the fused numba kernel of :mod:`sslrun.core.data.color_cpu`);
 * torchvision: ``DataLoader`` over PIL images with ``transforms.v2`` (RandomResizedCrop, RandomHorizontalFlip,
   RandomApply(ColorJitter, p=0.8), RandomGrayscale(0.2), PILToTensor, ToDtype, Normalize), the same number of
   worker processes as sslrun has FFCV threads, the same batch size.
@@ -63,8 +63,8 @@ def simclr_views(image_size: int) -> list[ViewSpec]:
 # ---- data -------------------------------------------------------------------------------------------------------
 def fashion_mnist(data_dir: str, root: str | None) -> Path:
     """The prepared Fashion-MNIST train split (60k 28x28 grayscale, replicated to RGB)."""
-    from sslrun.core.beton import ensure_prepared
     from sslrun.core.config import DataCfg
+    from sslrun.core.data.beton import ensure_prepared
 
     return ensure_prepared(DataCfg(dataset="fashion-mnist", root=root, data_dir=data_dir), "train", progress=False)
 
@@ -72,7 +72,7 @@ def fashion_mnist(data_dir: str, root: str | None) -> Path:
 def synthetic_jpeg(out_dir: Path, n: int, side: int = 64) -> Path:
     """``n`` smooth random ``side``x``side`` RGB images (low-frequency colour fields plus noise, so JPEG behaves
     as on photos rather than on white noise), written as a JPEG .beton."""
-    from sslrun.core.beton import write_beton
+    from sslrun.core.data.beton import write_beton
 
     rng = np.random.default_rng(0)
     coarse = rng.integers(0, 256, (n, 4, 4, 3)).astype(np.float32)
@@ -99,7 +99,7 @@ class _TwoViews(torch.utils.data.Dataset):
     """The same images as the .beton (raw pixels, or JPEG bytes decoded with PIL per access), 2 views each."""
 
     def __init__(self, path: Path, views: list[ViewSpec], mean: list[float], std: list[float]) -> None:
-        from sslrun.core.beton import BetonReader
+        from sslrun.core.data.beton import BetonReader
 
         reader = BetonReader(path)
         self.jpeg = reader.manifest.image_format == "jpg"
@@ -151,7 +151,7 @@ class Measure:
 
 def bench_torchvision(path: Path, views: list[ViewSpec], batch: int, workers: int, batches: int) -> Measure:
     """A DataLoader over ``batches`` batches after an untimed first batch (worker start-up)."""
-    from sslrun.core.beton import verify_beton
+    from sslrun.core.data.beton import verify_beton
 
     m = verify_beton(path)
     ds = _TwoViews(path, views, m.mean, m.std)
@@ -169,7 +169,7 @@ def bench_torchvision(path: Path, views: list[ViewSpec], batch: int, workers: in
 # ---- sslrun side ------------------------------------------------------------------------------------------------
 def bench_sslrun(path: Path, views: list[ViewSpec], batch: int, workers: int, epochs: int) -> Measure:
     """``epochs`` whole epochs after an untimed first one (numba compiles on its first batch)."""
-    from sslrun.core.loader import ViewLoader
+    from sslrun.core.data.loader import ViewLoader
 
     loader = ViewLoader(path, views, batch, device="cpu", num_workers=workers, seed=0)
     try:
@@ -208,8 +208,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch threads for sslrun's colour augmentations (FFCV uses the others)")  # fmt: skip
     args = p.parse_args(argv)
 
-    from sslrun.core.beton import verify_beton
     from sslrun.core.config import default_data_dir
+    from sslrun.core.data.beton import verify_beton
 
     load_before = os.getloadavg()
     torch.set_num_threads(args.torch_threads)

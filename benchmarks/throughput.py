@@ -6,10 +6,10 @@ settings**, and the benchmark reports steady-state images per second and the rat
 * model: sslrun's ``small_cnn`` encoder (imported by the lightly script too) and the paper's heads (SimCLR:
   2048-128 projector, NT-Xent T=0.5; BYOL: 4096-256 projector and predictor, EMA target);
 * data: the prepared Fashion-MNIST train split (60k 28x28 images); the lightly side reads the very same
-  ``.beton`` with :class:`sslrun.core.beton.BetonReader` into memory, then a torch ``DataLoader`` applies lightly's
+  ``.beton`` with :class:`sslrun.core.data.beton.BetonReader` into memory, then a torch ``DataLoader`` applies lightly's
   ``SimCLRTransform`` / ``BYOLTransform`` per image in worker processes, with parameters taken from the sslrun
   method's own view specs (crop scale, jitter, grayscale, blur, solarize: identical augmentations);
-* sslrun side: :func:`sslrun.core.trainer.train` (FFCV decode and crops in numba threads, colour augmentations
+* sslrun side: :func:`sslrun.core.train.trainer.train` (FFCV decode and crops in numba threads, colour augmentations
   per batch in the fused CPU kernel, model in channels_last), no online kNN monitor, no TensorBoard;
 * both: global batch, SGD (momentum 0.9, weight decay 5e-4), ``torch.set_num_threads(--threads)``
   (``OMP_NUM_THREADS``), ``--workers`` FFCV threads = DataLoader worker processes, fp32 on this CPU.
@@ -70,9 +70,9 @@ WEIGHT_DECAY = 5e-4
 
 # ---- sslrun side ----------------------------------------------------------------------------------------------
 def run_sslrun(args: argparse.Namespace) -> dict[str, Any]:
-    """Time ``sslrun.core.trainer.train`` for warm-up + measured steps; returns the steady-state figures."""
+    """Time ``sslrun.core.train.trainer.train`` for warm-up + measured steps; returns the steady-state figures."""
     from sslrun.core.config import ExperimentConfig, LogCfg, OptimCfg, PluginRef, ScheduleCfg, SystemCfg
-    from sslrun.core.trainer import train
+    from sslrun.core.train.trainer import train
 
     timer = StepTimer()
     with tempfile.TemporaryDirectory(prefix="sslrun-throughput-") as out:
@@ -127,7 +127,7 @@ def _lightly_transform(method: str, image_size: int, mean: list[float], std: lis
     """lightly's own transform for ``method``, parameterised from sslrun's view specs so the views are the same."""
     from lightly.transforms import BYOLTransform, BYOLView1Transform, BYOLView2Transform, SimCLRTransform
 
-    from sslrun.core.resolve import method_class
+    from sslrun.core.plugins.resolve import method_class
 
     cls = method_class(method)
     specs = cls.view_specs(cls.Config(), image_size)
@@ -172,8 +172,8 @@ def run_lightly(args: argparse.Namespace) -> dict[str, Any]:
     from lightly.utils.scheduler import cosine_schedule
     from torch import nn
 
-    from sslrun.core.beton import BetonReader, ensure_prepared
-    from sslrun.core.resolve import method_class
+    from sslrun.core.data.beton import BetonReader, ensure_prepared
+    from sslrun.core.plugins.resolve import method_class
     from sslrun.plugins.encoders.small_cnn import small_cnn
 
     torch.set_num_threads(args.threads)
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         print_json(result)
         return 0
 
-    from sslrun.core.beton import ensure_prepared
+    from sslrun.core.data.beton import ensure_prepared
 
     ensure_prepared(_data_cfg(args), "train")  # prepare once, outside every timing
     if not args.skip_lightly:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import signal
 import threading
 import time
@@ -32,6 +31,7 @@ from typing import Any
 
 from sslrun.core.config import ExperimentConfig
 from sslrun.core.errors import ConfigError, SslrunError, TrainingError
+from sslrun.core.system import usable_cores
 
 __all__ = ["LaunchPlan", "LaunchResult", "launch", "plan_launch", "resource_shortfall"]
 
@@ -254,7 +254,7 @@ def launch(cfg: ExperimentConfig, *, echo: Echo = print, train_fn: Callable[...,
     Args:
         cfg: the experiment, plugins already validated (``experiment_from_cli`` does it).
         echo: where progress lines go (the CLI passes ``typer.echo``).
-        train_fn: what each worker runs instead of calling :func:`sslrun.core.trainer.train` directly, with the
+        train_fn: what each worker runs instead of calling :func:`sslrun.core.train.trainer.train` directly, with the
             same signature ``(cfg, hooks, device) -> TrainResult``: a wrapper that instruments the real trainer
             (the tests record the batches each rank trains on this way). None = the trainer itself.
 
@@ -276,7 +276,7 @@ def launch(cfg: ExperimentConfig, *, echo: Echo = print, train_fn: Callable[...,
             f"(NFS); use --storage-path s3://... or gs://... otherwise (docs/cluster.md)"
         )
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=plan.loader_threads))
-    from sslrun.core.trainer import check_output_free
+    from sslrun.core.train.trainer import check_output_free
 
     check_output_free(cfg)  # a fresh run must not write over an earlier one's checkpoints (--resume continues)
     _check_run_dir(plan, cfg)
@@ -308,8 +308,8 @@ def _prepare_data(cfg: ExperimentConfig, echo: Echo) -> None:
     """Prepare (or verify) every split the workers will read, here on the driver: FFCV's writer forks
     processes and must never run inside a Ray worker (STACK-NOTES A3j). On several nodes, ``data.data_dir``
     must be shared storage (or prepared on each node at the same path): the workers only read it."""
-    from sslrun.core.beton import ensure_prepared
-    from sslrun.core.resolve import build_dataset
+    from sslrun.core.data.beton import ensure_prepared
+    from sslrun.core.plugins.resolve import build_dataset
 
     splits: list[str | None] = [cfg.data.split]
     if cfg.log.knn_every > 0:  # the online kNN monitor reads the labelled splits on rank 0
@@ -334,7 +334,7 @@ def _abs(path: str) -> str:
 
 
 def _local_hardware() -> tuple[int, int]:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = usable_cores()
     try:
         import torch
 

@@ -1,4 +1,4 @@
-"""The trainer's :class:`~sslrun.core.trainer.TrainHooks` for Ray Train: checkpoints -> ``ray.train.report``,
+"""The trainer's :class:`~sslrun.core.train.trainer.TrainHooks` for Ray Train: checkpoints -> ``ray.train.report``,
 throughput -> Ray metrics, stop requests and resumes.
 
 What each hook does inside a Ray Train worker:
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from sslrun.core.errors import CheckpointError
-from sslrun.core.trainer import TrainHooks
+from sslrun.core.train.trainer import TrainHooks
 
 __all__ = [
     "CHECKPOINT_FILE",

@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from sslrun.core.config import ExperimentConfig
-from sslrun.core.resolve import check_plugin_versions
+from sslrun.core.files import atomic_write_text
+from sslrun.core.plugins.resolve import check_plugin_versions
 
 __all__ = ["TrainFn", "WORKERS_DIR", "train_loop_per_worker"]
 
 WORKERS_DIR = "workers"  # OUTPUT/workers/rank<r>.json: pid, node and attempt start of each rank
-TrainFn = Callable[..., Any]  # (cfg, hooks, device) -> TrainResult, i.e. sslrun.core.trainer.train
+TrainFn = Callable[..., Any]  # (cfg, hooks, device) -> TrainResult, i.e. sslrun.core.train.trainer.train
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -36,7 +37,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     Args:
         config: ``{"experiment": cfg.to_dict(), "storage_path": str, "name": str}`` from the launcher, plus
             ``"train_fn"`` when the launcher's caller passed one: a wrapper around the real trainer that
-            instruments it (the tests tap the loader this way); otherwise :func:`sslrun.core.trainer.train`.
+            instruments it (the tests tap the loader this way); otherwise :func:`sslrun.core.train.trainer.train`.
 
     Returns:
         Plain data about the run (Ray hands rank 0's value to the driver as ``Result.return_value``).
@@ -65,7 +66,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     )
     train_fn: TrainFn | None = config.get("train_fn")
     if train_fn is None:
-        from sslrun.core.trainer import train as train_fn
+        from sslrun.core.train.trainer import train as train_fn
     try:
         result = train_fn(cfg, hooks, ray.train.torch.get_device())
     finally:
@@ -99,9 +100,7 @@ def _record_worker(path: Path, rank: int, world_size: int) -> None:
         "hostname": socket.gethostname(),
         "started": time.time(),
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, path)  # readers never see a half-written file
+    atomic_write_text(path, json.dumps(record))  # readers never see a half-written file
 
 
 def _quiet_ray_reports() -> None:

@@ -3,7 +3,7 @@
 
 An unknown key or a wrong type is a :class:`ConfigError` naming the key and the valid ones. Plugin kwargs
 (``method.kwargs``, ``encoder.kwargs``, ``data.dataset_kwargs``) are plain dicts here; they are checked against
-each plugin's own ``Config`` dataclass by :func:`sslrun.core.resolve.validate_plugins` before anything runs.
+each plugin's own ``Config`` dataclass by :func:`sslrun.core.plugins.resolve.validate_plugins` before anything runs.
 The config travels to Ray workers as plain data (:meth:`ExperimentConfig.to_dict`) and is rebuilt there.
 """
 
@@ -388,48 +388,3 @@ def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
         else:
             out[k] = _deepcopy(v)
     return out
-
-
-def build_config(
-    config_file: str | Path | None = None,
-    flags: dict[str, Any] | None = None,
-    overrides: list[str] | None = None,
-) -> ExperimentConfig:
-    """defaults < the method's ``optim_defaults`` < config file < CLI flags (``{"data.batch_size": 128, ...}``,
-    None = not given) < ``--set``."""
-    file_data = load_config_file(config_file) if config_file is not None else None
-    flag_items = [f"{k}={_toml_literal(v)}" for k, v in (flags or {}).items() if v is not None]
-
-    def layered(base: dict[str, Any]) -> dict[str, Any]:
-        data = base
-        if file_data is not None:
-            data = deep_merge(data, file_data)
-            # validate the file's keys on their own so the error names the file's mistake
-            ExperimentConfig.from_dict(data)
-        data = apply_overrides(data, flag_items)
-        return apply_overrides(data, list(overrides or []))
-
-    defaults = ExperimentConfig().to_dict()
-    data = layered(defaults)
-    # The method is only known once every layer is read; its optimiser defaults then go under all of them.
-    method_optim = _method_optim_defaults(data["method"]["name"])
-    if method_optim:
-        data = layered(deep_merge(defaults, {"optim": method_optim}))
-    return ExperimentConfig.from_dict(data)
-
-
-def _method_optim_defaults(name: Any) -> dict[str, Any]:
-    """``optim_defaults`` of method ``name``; empty for an unknown name (validation reports it later, in one line)."""
-    from sslrun.core.errors import SslrunError
-    from sslrun.core.resolve import method_class  # resolve imports this module
-
-    try:
-        return dict(method_class(str(name)).optim_defaults)
-    except SslrunError:
-        return {}
-
-
-def _toml_literal(value: Any) -> str:
-    import tomli_w
-
-    return tomli_w.dumps({"v": value})[4:].strip()

@@ -2,7 +2,7 @@
 
 A plugin is found through an entry point (``sslrun.methods``, ``sslrun.encoders``, ``sslrun.pretexts``,
 ``sslrun.datasets``) and validated against the interface of its kind right after it is imported
-(:mod:`sslrun.core.registry`). Hyperparameters live in a per-plugin ``Config`` dataclass whose defaults are the
+(:mod:`sslrun.core.plugins.registry`). Hyperparameters live in a per-plugin ``Config`` dataclass whose defaults are the
 paper's; the experiment config carries them as plain ``kwargs`` and they are checked against that dataclass
 on the driver, before anything runs.
 """
@@ -26,6 +26,7 @@ __all__ = [
     "EncoderFactory",
     "Method",
     "PretextTask",
+    "SetupContext",
     "ViewSpec",
 ]
 
@@ -97,6 +98,20 @@ class EncoderFactory(Protocol):
     def __call__(self, **kwargs: Any) -> nn.Module: ...
 
 
+@dataclass(frozen=True)
+class SetupContext:
+    """What a method may need to know about the run before its first step (:meth:`Method.setup`).
+
+    Lets a method state its schedules in the paper's units (epochs) and convert them to steps itself, instead of
+    asking the user to restate them in steps.
+    """
+
+    image_size: int  #: side of the source images, in pixels
+    steps_per_epoch: int  #: optimiser steps per epoch (global batch)
+    total_steps: int  #: optimiser steps of the whole run
+    world_size: int = 1  #: data-parallel processes
+
+
 class Method(nn.Module, ABC):
     """A self-supervised method: views in, a dict with ``"loss"`` and logged terms out.
 
@@ -115,7 +130,7 @@ class Method(nn.Module, ABC):
     #: True for methods whose augmentations or targets need colour; refused on grayscale datasets.
     requires_color: ClassVar[bool] = False
     #: ``optim`` settings (``{"name": "lars", "lr": 0.2}``) the method needs instead of sslrun's defaults, e.g. the
-    #: paper's optimiser where the default SGD diverges. :func:`sslrun.core.config.build_config` layers them just
+    #: paper's optimiser where the default SGD diverges. :func:`sslrun.core.plugins.build.build_config` layers them just
     #: above the defaults: a config file, a flag or ``--set`` still overrides each key.
     optim_defaults: ClassVar[dict[str, Any]] = {}
 
@@ -143,6 +158,10 @@ class Method(nn.Module, ABC):
         """``(base, final)`` EMA momentum for methods with a teacher; the trainer runs a cosine schedule from
         base to final over training (BYOL, DINO) and passes the current value to :meth:`on_after_step`."""
         return None
+
+    def setup(self, ctx: SetupContext) -> None:
+        """Called once by the trainer after the method is built and before the first step (also on resume), with
+        the run's :class:`SetupContext`. No-op by default; override to turn epoch-based schedules into steps."""
 
     @torch.no_grad()
     def on_after_step(self, step: int, momentum: float | None) -> None:
@@ -181,7 +200,7 @@ class Method(nn.Module, ABC):
 class PretextTask(ABC):
     """A classic pretext task: the label is made from the image itself.
 
-    Core wraps a task as a Method (:mod:`sslrun.core.pretext`), so ``--method rotation`` runs through the same
+    Core wraps a task as a Method (:mod:`sslrun.core.plugins.pretext`), so ``--method rotation`` runs through the same
     trainer and launcher. Subclasses set ``name`` and ``Config`` and implement the four methods below.
     """
 

@@ -1,4 +1,4 @@
-"""Batched on-device colour augmentations (sslrun.core.augment) against torchvision's per-image kernels.
+"""Batched on-device colour augmentations (sslrun.core.data.augment) against torchvision's per-image kernels.
 
 No FFCV here: these run on plain tensors and take a few seconds in all.
 """
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from sslrun.core.augment import (
+from sslrun.core.data.augment import (
     ColorAugment,
     Normalize,
     adjust_hue,

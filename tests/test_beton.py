@@ -14,8 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from sslrun.cli import app
-from sslrun.core import beton
 from sslrun.core.config import DataCfg
+from sslrun.core.data import beton
 from sslrun.core.errors import ConfigError, DataError
 from sslrun.plugins.datasets import _common
 

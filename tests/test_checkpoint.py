@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from sslrun.core.checkpoint import (
+from sslrun.core.config import ExperimentConfig
+from sslrun.core.errors import CheckpointError
+from sslrun.core.train.checkpoint import (
     FORMAT,
     capture_rng,
     check_compatible,
@@ -19,9 +21,7 @@ from sslrun.core.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from sslrun.core.config import ExperimentConfig
-from sslrun.core.errors import CheckpointError
-from sslrun.core.optim import LARS
+from sslrun.core.train.optim import LARS
 
 
 def _state(cfg: ExperimentConfig) -> dict:

@@ -1,4 +1,4 @@
-"""The fused CPU colour kernel (sslrun.core.color_cpu) against the torch path and torchvision.
+"""The fused CPU colour kernel (sslrun.core.data.color_cpu) against the torch path and torchvision.
 
 The torch path (ColorAugment.apply) is itself checked against torchvision in test_augment.py; here the kernel
 must give the same images as both, for every operation alone and all together, any order, colour and gray input.
@@ -12,8 +12,8 @@ import pytest
 import torch
 from test_augment import _reference  # tests/ is on sys.path (rootdir-relative, no package)
 
-from sslrun.core.augment import ColorAugment
-from sslrun.core.color_cpu import to_float_jitter_gray
+from sslrun.core.data.augment import ColorAugment
+from sslrun.core.data.color_cpu import to_float_jitter_gray
 from sslrun.core.interfaces import ViewSpec
 
 _SPECS = {

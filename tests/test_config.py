@@ -10,12 +10,12 @@ import pytest
 from sslrun.core.config import (
     ExperimentConfig,
     apply_overrides,
-    build_config,
     coerce_dataclass,
     load_config_file,
 )
 from sslrun.core.errors import ConfigError, UnknownPluginError
-from sslrun.core.resolve import method_config, validate_plugins
+from sslrun.core.plugins.build import build_config
+from sslrun.core.plugins.resolve import method_config, validate_plugins
 
 
 def test_defaults_round_trip_through_plain_data_and_toml() -> None:
@@ -167,7 +167,7 @@ def test_construction_errors_surface_on_the_driver() -> None:
 
 def test_view_overrides_set_every_view_and_refuse_bad_keys() -> None:
     """data.view_overrides retunes the paper's augmentations; typos and bad values fail on the driver, in one line."""
-    from sslrun.core.resolve import method_views
+    from sslrun.core.plugins.resolve import method_views
 
     paper = method_views(build_config(None, {"method.name": "byol"}), 28)
     tuned = method_views(build_config(None, {"method.name": "byol"}, ["data.view_overrides.scale=[0.4, 1.0]"]), 28)

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sslrun.core import beton
 from sslrun.core.config import DataCfg
+from sslrun.core.data import beton
 from sslrun.core.errors import ConfigError, DataError
-from sslrun.core.registry import get_registry
+from sslrun.core.plugins.registry import get_registry
 from sslrun.plugins.datasets import _common
 from sslrun.plugins.datasets.cifar import CIFAR10
 from sslrun.plugins.datasets.fashion_mnist import FashionMNIST

@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_methods import TinyEncoder, build_method, make_views, momentum_now
 
-from sslrun.core.registry import get_registry
+from sslrun.core.plugins.registry import get_registry
 
 pytestmark = pytest.mark.slow
 

@@ -13,8 +13,8 @@ from torch import nn
 
 from sslrun.core.config import ExperimentConfig, PluginRef
 from sslrun.core.errors import ConfigError
-from sslrun.core.registry import get_registry
-from sslrun.core.resolve import build_encoder
+from sslrun.core.plugins.registry import get_registry
+from sslrun.core.plugins.resolve import build_encoder
 
 ENCODERS = get_registry("encoder").names()
 BUILTIN = {"small_cnn", "resnet18", "resnet34", "resnet50", "vit_tiny", "vit_small"}

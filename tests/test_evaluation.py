@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 
 from sslrun.cli import app
 from sslrun.core.errors import CheckpointError, ConfigError, DataError
-from sslrun.core.eval_linear import DEFAULT_WEIGHT_DECAYS, fit_logistic, topk_accuracy, train_linear_probe
-from sslrun.core.eval_subsets import balanced_subset, holdout_split
+from sslrun.core.eval.linear import DEFAULT_WEIGHT_DECAYS, fit_logistic, topk_accuracy, train_linear_probe
+from sslrun.core.eval.subsets import balanced_subset, holdout_split
 
 COLOURS = np.array([(210, 40, 40), (40, 190, 40), (40, 60, 220), (220, 200, 30)], dtype=np.float32)
 
@@ -118,10 +118,10 @@ def test_linear_probe_tunes_on_heldout_labels_and_classifies() -> None:
 
 # ---- kNN wiring with stand-in features ----------------------------------------------------------------------------
 def test_knn_uses_the_label_subset_as_bank_and_reports_both_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    from sslrun.core import evaluation
     from sslrun.core.config import ExperimentConfig
-    from sslrun.core.eval_features import EvalData, Pretrained
-    from sslrun.core.knn import knn_accuracy
+    from sslrun.core.eval import evaluate as evaluation
+    from sslrun.core.eval.features import EvalData, Pretrained
+    from sslrun.core.train.knn import knn_accuracy
 
     g = torch.Generator().manual_seed(0)
     centers = torch.randn(8, 16, generator=g)
@@ -149,10 +149,10 @@ def test_knn_uses_the_label_subset_as_bank_and_reports_both_settings(monkeypatch
 
 # ---- checkpoint errors --------------------------------------------------------------------------------------------
 def _contract_checkpoint(path: Path, width: int = 8, claim_width: int | None = None) -> Path:
-    """A checkpoint in the trainer's format (sslrun.core.checkpoint.save_checkpoint) of an untrained method."""
-    from sslrun.core.checkpoint import save_checkpoint
+    """A checkpoint in the trainer's format (sslrun.core.train.checkpoint.save_checkpoint) of an untrained method."""
     from sslrun.core.config import DataCfg, ExperimentConfig, PluginRef
-    from sslrun.core.resolve import build_method
+    from sslrun.core.plugins.resolve import build_method
+    from sslrun.core.train.checkpoint import save_checkpoint
 
     data = DataCfg(dataset="synthetic", dataset_kwargs={"size": 16, "num_classes": 4})
     cfg = ExperimentConfig(encoder=PluginRef("small_cnn", {"width": width}), data=data)
@@ -163,7 +163,7 @@ def _contract_checkpoint(path: Path, width: int = 8, claim_width: int | None = N
 
 
 def test_bad_checkpoints_are_one_line_errors(tmp_path: Path) -> None:
-    from sslrun.core.eval_features import load_pretrained
+    from sslrun.core.eval.features import load_pretrained
 
     text = tmp_path / "notes.txt"
     text.write_text("not a checkpoint\n")
@@ -191,7 +191,7 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path: Path) -> None:
 
 
 def test_eval_option_errors() -> None:
-    from sslrun.core.evaluation import EvalOptions, evaluate
+    from sslrun.core.eval.evaluate import EvalOptions, evaluate
 
     with pytest.raises(ConfigError, match="--label-fraction"):
         EvalOptions(label_fraction=0.0)
@@ -226,7 +226,7 @@ def write_colour_folder(root: Path, n_train: int, n_test: int, size: int = 16, s
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A checkpoint written by the real trainer (SimCLR, small CNN, 8 steps on the colour folder)."""
     from sslrun.core.config import DataCfg, ExperimentConfig, LogCfg, PluginRef, ScheduleCfg, SystemCfg
-    from sslrun.core.trainer import train
+    from sslrun.core.train.trainer import train
 
     base = tmp_path_factory.mktemp("eval")
     root = write_colour_folder(base / "colours", n_train=48, n_test=24)
@@ -254,10 +254,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.mark.slow
 def test_knn_and_linear_from_a_trainer_checkpoint(trained: dict[str, Path]) -> None:
-    from sslrun.core.beton import BetonReader
-    from sslrun.core.eval_features import cached_features, load_pretrained
-    from sslrun.core.eval_finetune import read_labels
-    from sslrun.core.evaluation import EvalOptions, evaluate
+    from sslrun.core.data.beton import BetonReader
+    from sslrun.core.eval.evaluate import EvalOptions, evaluate
+    from sslrun.core.eval.features import cached_features, load_pretrained
+    from sslrun.core.eval.finetune import read_labels
 
     ckpt = trained["checkpoint"]
     opts = EvalOptions(label_fraction=0.25, seed=0, device="cpu", epochs=100)
@@ -298,8 +298,8 @@ def test_knn_and_linear_from_a_trainer_checkpoint(trained: dict[str, Path]) -> N
 
 @pytest.mark.slow
 def test_finetune_and_from_scratch_baseline(trained: dict[str, Path]) -> None:
-    from sslrun.core.eval_features import load_pretrained
-    from sslrun.core.evaluation import EvalOptions, evaluate
+    from sslrun.core.eval.evaluate import EvalOptions, evaluate
+    from sslrun.core.eval.features import load_pretrained
 
     ckpt = trained["checkpoint"]
     before = {k: v.clone() for k, v in load_pretrained(ckpt).encoder.state_dict().items()}

@@ -17,11 +17,11 @@ import torch
 from typer.testing import CliRunner
 
 from sslrun.cli import app
-from sslrun.core.checkpoint import save_checkpoint
 from sslrun.core.config import DataCfg, ExperimentConfig, PluginRef
 from sslrun.core.errors import CheckpointError
-from sslrun.core.export import EXPORT_FORMAT, export_encoder, strip_prefixes
-from sslrun.core.resolve import build_method
+from sslrun.core.eval.export import EXPORT_FORMAT, export_encoder, strip_prefixes
+from sslrun.core.plugins.resolve import build_method
+from sslrun.core.train.checkpoint import save_checkpoint
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "evaluation.md"
 

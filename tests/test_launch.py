@@ -345,9 +345,9 @@ def _record_batches(cfg: Any, hooks: Any, device: Any) -> Any:
     OUTPUT/batches/e<epoch>_b<batch>_rank<r>.pt. A test instrument passed as the launcher's ``train_fn``."""
     import torch as _torch
 
-    import sslrun.core.loader as loader_module
+    import sslrun.core.data.loader as loader_module
     from sslrun.core.distributed import rank
-    from sslrun.core.trainer import train
+    from sslrun.core.train.trainer import train
 
     real = loader_module.ViewLoader
     out = Path(cfg.output) / "batches"
@@ -445,8 +445,8 @@ def test_two_ray_workers_match_one_process_on_the_same_global_batch(
 
     single = _cfg(tmp_path / "single", *common, **flags)
     steps_per_epoch = 512 // 32
-    monkeypatch.setattr("sslrun.core.loader.ViewLoader", _Replay(tmp_path / "ddp" / "batches", steps_per_epoch))
-    from sslrun.core.trainer import train
+    monkeypatch.setattr("sslrun.core.data.loader.ViewLoader", _Replay(tmp_path / "ddp" / "batches", steps_per_epoch))
+    from sslrun.core.train.trainer import train
 
     ref = train(single, device=torch.device("cpu"))
     assert ref.steps == steps

@@ -1,4 +1,4 @@
-"""The FFCV multi-view loader (sslrun.core.loader) on a real tiny .beton.
+"""The FFCV multi-view loader (sslrun.core.data.loader) on a real tiny .beton.
 
 Every FFCV Loader pays numba JIT (seconds), so the module builds one 4-view loader (2 global + 2 local views, the
 DINO multi-crop shape) and reads two epochs from it once; most tests check those batches. Crops, flips and colour
@@ -20,11 +20,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sslrun.core.augment import ColorAugment, batch_seed
-from sslrun.core.beton import write_beton
+from sslrun.core.data.augment import ColorAugment, batch_seed
+from sslrun.core.data.beton import write_beton
+from sslrun.core.data.loader import EvalLoader, ViewLoader, sample_views
 from sslrun.core.errors import ConfigError, DataError
 from sslrun.core.interfaces import ViewSpec
-from sslrun.core.loader import EvalLoader, ViewLoader, sample_views
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -77,7 +77,7 @@ def _unnormalize(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.
 
 def _reference_crop(img: np.ndarray, epoch: int, index: int, view: int, spec: ViewSpec, seed: int) -> np.ndarray:
     """The crop + flip the seeded FFCV ops must produce, recomputed with OpenCV / torch."""
-    from sslrun.core.ffcv_ops import crop_for, flip_for
+    from sslrun.core.data.ops import crop_for, flip_for
 
     top, left, h, w = crop_for(seed, epoch, index, view, img.shape[0], img.shape[1], spec.scale, spec.ratio)
     crop = img[top : top + h, left : left + w]
@@ -226,11 +226,11 @@ def test_sample_views_are_unnormalised_grids(source: Source) -> None:
 
 def test_building_a_loader_leaves_numba_types_intact(source: Source) -> None:
     """ffcv 1.0.2 sets ``mutable = False`` on numba's interned uint8 array type whenever a Loader is built, which
-    corrupts numba's dispatcher caches (a later loader then failed to compile); sslrun.core.ffcv_ops fixes it."""
+    corrupts numba's dispatcher caches (a later loader then failed to compile); sslrun.core.data.ops fixes it."""
     import numba
     from ffcv.loader import Loader
 
-    import sslrun.core.ffcv_ops  # noqa: F401 - applies the fix (sslrun's loaders import it before building)
+    import sslrun.core.data.ops  # noqa: F401 - applies the fix (sslrun's loaders import it before building)
 
     interned = numba.uint8[::1]
     Loader(str(source[0]), batch_size=8, num_workers=1)  # construction only: no JIT
@@ -238,8 +238,8 @@ def test_building_a_loader_leaves_numba_types_intact(source: Source) -> None:
 
 
 def test_numba_hash_equals_the_python_one() -> None:
-    from sslrun.core.augment import _mix64
-    from sslrun.core.ffcv_ops import mix64
+    from sslrun.core.data.ops import mix64
+    from sslrun.core.rng import mix64 as _mix64
 
     for x in (0, 1, 12345, (1 << 63) + 5, (1 << 64) - 1):
         assert int(mix64(np.uint64(x))) == _mix64(x)
@@ -252,7 +252,7 @@ def test_a_failing_pipeline_raises_instead_of_hanging(source: Source) -> None:
     from ffcv.pipeline.operation import Operation
     from ffcv.transforms import ToTensor
 
-    from sslrun.core.loader import _start_epoch
+    from sslrun.core.data.loader import _start_epoch
 
     class Boom(Operation):
         def generate_code(self) -> Callable:

@@ -19,7 +19,7 @@ from torch import nn
 from sslrun.core.config import coerce_dataclass
 from sslrun.core.errors import ConfigError
 from sslrun.core.interfaces import Method, ViewSpec
-from sslrun.core.registry import get_registry
+from sslrun.core.plugins.registry import get_registry
 from sslrun.plugins.common.ema import frozen_copy, update_momentum
 from sslrun.plugins.common.heads import BarlowTwinsProjectionHead, DINOProjectionHead, NormedLinear, ProjectionHead
 

@@ -56,10 +56,10 @@ def test_wheel_installs_under_the_sslrun_namespace_only(tmp_path: Path) -> None:
     assert inst.returncode == 0, inst.stderr
     probe = (
         "import importlib.util, sys\n"
-        "import sslrun.core.config, sslrun.core.registry, sslrun.plugins.methods, sslrun.cluster, sslrun.cli\n"
+        "import sslrun.core.config, sslrun.core.plugins.registry, sslrun.plugins.methods, sslrun.cluster, sslrun.cli\n"
         "assert sslrun.core.config.__file__.startswith(sys.argv[1]), sslrun.core.config.__file__\n"
         "assert all(importlib.util.find_spec(m) is None for m in ('core', 'plugins', 'cluster'))\n"
-        "from sslrun.core.registry import get_registry\n"
+        "from sslrun.core.plugins.registry import get_registry\n"
         "print(get_registry('method').get('simclr').__module__)\n"
     )
     # PYTHONPATH puts the wheel's files before the editable install; the probe checks that they are what loads.
@@ -100,7 +100,7 @@ def test_third_party_method_trains_a_step(example_plugin_installed, tmp_path: Pa
     probe = (
         "import torch\n"
         "from sslrun.core.config import build_config\n"
-        "from sslrun.core.resolve import build_method, validate_plugins\n"
+        "from sslrun.core.plugins.resolve import build_method, validate_plugins\n"
         "cfg = validate_plugins(build_config(None, {'method.name': 'example_align', 'encoder.name': 'example_mlp'}))\n"
         "m = build_method(cfg, 28)\n"
         "views = [torch.rand(8, 3, s.size, s.size) for s in type(m).view_specs(m.cfg, 28)]\n"

@@ -22,9 +22,9 @@ from kornia.color import rgb_to_lab
 from sslrun.core.config import DataCfg, ExperimentConfig, PluginRef
 from sslrun.core.errors import ConfigError
 from sslrun.core.interfaces import Method, ViewSpec
-from sslrun.core.pretext import pretext_method_class, step_seed
-from sslrun.core.registry import get_registry
-from sslrun.core.resolve import build_method, method_class, method_config, validate_plugins
+from sslrun.core.plugins.pretext import pretext_method_class, step_seed
+from sslrun.core.plugins.registry import get_registry
+from sslrun.core.plugins.resolve import build_method, method_class, method_config, validate_plugins
 
 PRETEXTS = get_registry("pretext").names()
 MEAN = (0.5, 0.45, 0.4)

@@ -15,7 +15,7 @@ from sslrun.core.errors import (
     PluginValidationError,
     UnknownPluginError,
 )
-from sslrun.core.registry import KINDS, Registry, get_registry
+from sslrun.core.plugins.registry import KINDS, Registry, get_registry
 
 
 def make_dist(root: Path, dist: str, version: str, entry_points: dict[str, dict[str, str]]) -> None:

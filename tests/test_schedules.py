@@ -10,8 +10,8 @@ import torch
 
 from sslrun.core.config import ExperimentConfig, OptimCfg
 from sslrun.core.errors import ConfigError
-from sslrun.core.optim import LARS, apply_schedules, build_optimizer
-from sslrun.core.schedules import build_schedules, scaled_lr, warmup_cosine, warmup_cosine_value
+from sslrun.core.train.optim import LARS, apply_schedules, build_optimizer
+from sslrun.core.train.schedules import build_schedules, scaled_lr, warmup_cosine, warmup_cosine_value
 
 
 def test_lr_scaling_rule() -> None:
@@ -142,7 +142,7 @@ def test_fixed_lr_groups_keep_the_peak_lr() -> None:
     """SimSiam's predictor: groups marked fixed_lr are not decayed by the schedule."""
     import torch
 
-    from sslrun.core.optim import apply_schedules
+    from sslrun.core.train.optim import apply_schedules
 
     a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
     opt = torch.optim.SGD([{"params": [a]}, {"params": [b], "fixed_lr": True}], lr=0.1)
@@ -151,8 +151,8 @@ def test_fixed_lr_groups_keep_the_peak_lr() -> None:
 
 
 def test_simsiam_marks_only_the_predictor_fixed() -> None:
-    from sslrun.core.config import build_config
-    from sslrun.core.resolve import build_method
+    from sslrun.core.plugins.build import build_config
+    from sslrun.core.plugins.resolve import build_method
 
     m = build_method(build_config(None, {"method.name": "simsiam"}), 28)
     fixed = {id(p) for g in m.param_groups() if g.get("fixed_lr") for p in g["params"]}

@@ -28,12 +28,12 @@ from torch import nn
 from typer.testing import CliRunner
 
 from sslrun.cli import app
-from sslrun.core import registry
-from sslrun.core.checkpoint import load_checkpoint
 from sslrun.core.config import ExperimentConfig, PluginRef
 from sslrun.core.errors import CheckpointError, TrainingError
 from sslrun.core.interfaces import Method, ViewSpec
-from sslrun.core.trainer import TrainHooks, train
+from sslrun.core.plugins import registry
+from sslrun.core.train.checkpoint import load_checkpoint
+from sslrun.core.train.trainer import TrainHooks, train
 
 runner = CliRunner()
 
@@ -246,7 +246,7 @@ def test_monitor_writes_jsonl_and_tensorboard_and_is_silent_off_rank0(
 ) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from sslrun.core.monitor import Monitor, flatten_hparams, format_eta
+    from sslrun.core.train.monitor import Monitor, flatten_hparams, format_eta
 
     off = Monitor(tmp_path / "r1", enabled=False, total_steps=10, epochs=1)
     off.scalars(1, 0.1, {"train/loss": 1.0})
@@ -286,10 +286,10 @@ class Pixels(nn.Module):
 def test_online_knn_matches_a_direct_computation_and_restores_state(
     session_data_dir: str, fashion_mnist_dir: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from sslrun.core.beton import BetonReader, ensure_prepared
     from sslrun.core.config import DataCfg
-    from sslrun.core.knn import knn_accuracy
-    from sslrun.core.online_knn import OnlineKnn
+    from sslrun.core.data.beton import BetonReader, ensure_prepared
+    from sslrun.core.train.knn import knn_accuracy
+    from sslrun.core.train.online_knn import OnlineKnn
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     data = DataCfg(dataset="fashion-mnist", root=fashion_mnist_dir, data_dir=session_data_dir)

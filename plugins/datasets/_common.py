@@ -2,7 +2,7 @@
 lookup and the torchvision download fallback.
 
 Nothing here imports FFCV: dataset plugins only turn raw files into ``(HxWx3 uint8, int)`` samples; core writes
-the ``.beton`` (:mod:`sslrun.core.beton`).
+the ``.beton`` (:mod:`sslrun.core.data.beton`).
 """
 
 from __future__ import annotations

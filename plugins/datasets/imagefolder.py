@@ -27,6 +27,7 @@ import numpy as np
 
 from sslrun.core.errors import ConfigError, DataError
 from sslrun.core.interfaces import Dataset, DatasetInfo
+from sslrun.core.system import usable_cores
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFolder", "SkippedImagesWarning", "load_square"]
 
@@ -98,7 +99,7 @@ class FolderSplit(Sequence[tuple[np.ndarray, int]]):
 
     def __init__(self, files: list[tuple[Path, int]], size: int, where: Path, num_threads: int | None = None) -> None:
         self.size = size
-        threads = num_threads or min(8, len(os.sched_getaffinity(0)) + 2)
+        threads = num_threads or min(8, usable_cores() + 2)
         keep = len(files) * size * size * 3 <= _DECODED_CACHE_BYTES
 
         def decode(item: tuple[Path, int]) -> np.ndarray | str:

@@ -6,9 +6,9 @@ same way from random initialisation for the from-scratch baseline (the gap betwe
 adds).
 
 Recipe (defaults in :class:`FinetuneOptions`): SGD with Nesterov momentum 0.9, peak lr ``0.05 * batch / 256``
-with a cosine decay to 0 (the per-step arrays of :mod:`sslrun.core.schedules`), cross-entropy, light augmentation
+with a cosine decay to 0 (the per-step arrays of :mod:`sslrun.core.train.schedules`), cross-entropy, light augmentation
 (random resized crop of 50-100% of the image and horizontal flip, no colour changes) through the project's
-:class:`~sslrun.core.loader.ViewLoader`. Two departures from SimCLR, both for small datasets and short schedules:
+:class:`~sslrun.core.data.loader.ViewLoader`. Two departures from SimCLR, both for small datasets and short schedules:
 weight decay 5e-4 on conv/linear weights (SimCLR uses none; on a few hundred CIFAR images the network overfits
 without it) and a one-epoch linear warm-up (the new head starts random; its first gradients would otherwise
 disturb the pretrained features most). The test split is scored once, at the end (never used for selection).
@@ -28,7 +28,7 @@ from torch import nn
 
 from sslrun.core.errors import DataError, TrainingError
 from sslrun.core.interfaces import ViewSpec
-from sslrun.core.schedules import scaled_lr, warmup_cosine
+from sslrun.core.train.schedules import scaled_lr, warmup_cosine
 
 __all__ = ["Classifier", "FinetuneOptions", "FinetuneOutcome", "finetune", "light_view", "read_labels"]
 
@@ -111,7 +111,7 @@ def read_labels(path: Path, max_samples: int | None = None) -> torch.Tensor:
     Raises:
         DataError: the file is missing, damaged or does not match its manifest.
     """
-    from sslrun.core.beton import BetonReader
+    from sslrun.core.data.beton import BetonReader
 
     labels = BetonReader(path).labels
     if max_samples is not None:
@@ -139,7 +139,7 @@ def _score(
     max_samples: int | None,
 ) -> tuple[float, float, int]:
     """Top-1 / top-5 of ``model`` on a whole labelled split (unlabelled samples skipped)."""
-    from sslrun.core.loader import EvalLoader
+    from sslrun.core.data.loader import EvalLoader
 
     model.eval()
     cuda = device.type == "cuda"
@@ -191,7 +191,7 @@ def finetune(
         num_classes: classes of the head.
         train_path: the prepared train split.
         indices: the labelled subset (positions in ``train_path``, e.g. from
-            :func:`sslrun.core.eval_subsets.balanced_subset`).
+            :func:`sslrun.core.eval.subsets.balanced_subset`).
         test_path: the prepared test split, scored once at the end.
         image_size: side of the training crops (the encoder's input size).
         device: where to train (channels_last everywhere; CUDA: bf16 autocast).
@@ -203,7 +203,7 @@ def finetune(
         DataError: fewer than 2 labelled samples.
         TrainingError: the loss became non-finite (lower ``--lr``).
     """
-    from sslrun.core.loader import ViewLoader
+    from sslrun.core.data.loader import ViewLoader
 
     opts = opts or FinetuneOptions()
     n = int(indices.size)

@@ -7,7 +7,7 @@ minimises ``out["loss"]``, and calls ``method.on_after_step(step, momentum)`` fo
 
 Stages of a step (``s`` = global step index, 0-based):
 
-1. lr / weight decay / momentum for step ``s`` from the per-iteration schedules (:mod:`sslrun.core.schedules`);
+1. lr / weight decay / momentum for step ``s`` from the per-iteration schedules (:mod:`sslrun.core.train.schedules`);
 2. forward under bf16 autocast on CUDA (fp32 on CPU);
 3. one small all-reduce of ``[loss is not finite, stop requested]`` so every rank takes the same decision:
    a non-finite loss raises :class:`TrainingError` *before* the optimiser touches the weights, so the last
@@ -42,14 +42,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sslrun.core import resolve
-from sslrun.core.checkpoint import capture_rng, check_compatible, load_checkpoint, restore_rng, save_checkpoint
 from sslrun.core.config import ExperimentConfig
 from sslrun.core.distributed import is_dist, rank, world_size
 from sslrun.core.errors import CheckpointError, ConfigError, DataError, SslrunError, TrainingError
-from sslrun.core.monitor import Monitor
-from sslrun.core.optim import apply_schedules, build_optimizer
-from sslrun.core.schedules import Schedules, build_schedules
+from sslrun.core.plugins import resolve
+from sslrun.core.system import parse_device, usable_cores
+from sslrun.core.train.checkpoint import capture_rng, check_compatible, load_checkpoint, restore_rng, save_checkpoint
+from sslrun.core.train.monitor import Monitor
+from sslrun.core.train.optim import apply_schedules, build_optimizer
+from sslrun.core.train.schedules import Schedules, build_schedules
 
 __all__ = [
     "TrainHooks",
@@ -141,16 +142,12 @@ def resolve_device(cfg: ExperimentConfig, device: torch.device | None = None) ->
     """
     if device is not None:
         return device
-    want = cfg.system.device
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("system.device is cuda but no CUDA GPU is visible; use --device cpu (or auto)")
-        index = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(index)
-        return torch.device("cuda", index)
-    return torch.device("cpu")
+    dev = parse_device(cfg.system.device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return dev
 
 
 def summary_line(result: TrainResult) -> str:
@@ -196,13 +193,9 @@ def _intended_threads() -> int:
     if env := os.environ.get("OMP_NUM_THREADS"):
         with contextlib.suppress(ValueError):
             return max(1, int(env))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return max(1, cores // max(1, local_ranks))
-
-
-def _usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _seed_all(seed: int) -> None:
@@ -310,7 +303,7 @@ class _Trainer:
             check_compatible(ckpt, cfg, path)
             self.resume_path = Path(path)
 
-        from sslrun.core.beton import ensure_prepared, verify_beton
+        from sslrun.core.data.beton import ensure_prepared, verify_beton
 
         local_first = int(os.environ.get("LOCAL_RANK", str(self.rank))) == 0
         dataset = resolve.build_dataset(cfg)
@@ -342,7 +335,7 @@ class _Trainer:
         # data: built once, reused every epoch (each FFCV Loader pays its JIT again)
         # importing FFCV sets torch to 1 thread (STACK-NOTES A0): remember what was intended before it happens
         threads = torch.get_num_threads() if "ffcv" not in sys.modules else _intended_threads()
-        from sslrun.core.loader import ViewLoader
+        from sslrun.core.data.loader import ViewLoader
 
         self.loader = ViewLoader(
             train_path,
@@ -351,7 +344,7 @@ class _Trainer:
             device=self.device,
             distributed=self.world > 1,
             seed=cfg.system.seed,
-            num_workers=min(cfg.data.num_workers, _usable_cores()),
+            num_workers=min(cfg.data.num_workers, usable_cores()),
             max_samples=cfg.data.max_samples,
         )
         self.threads = threads
@@ -493,7 +486,7 @@ class _Trainer:
             self.monitor.text("notes", self._knn_note, self.step)  # type: ignore[union-attr]
             return
         if self.rank == 0:
-            from sslrun.core.online_knn import OnlineKnn
+            from sslrun.core.train.online_knn import OnlineKnn
 
             dataset = resolve.build_dataset(self.cfg)
             self.knn = OnlineKnn(

@@ -20,12 +20,12 @@ Images are ``(N, 3, H, W)`` float tensors in [0, 1]; :class:`Normalize` comes la
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
+from sslrun.core.data.color_params import ColorParams
 from sslrun.core.interfaces import ViewSpec
+from sslrun.core.rng import batch_seed
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -43,29 +43,8 @@ __all__ = [
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-_MASK64 = (1 << 64) - 1
 _LUMA = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 _BRIGHTNESS, _CONTRAST, _SATURATION, _HUE = range(4)
-
-
-def _mix64(x: int) -> int:
-    """splitmix64 finaliser on Python ints (the same function as :func:`sslrun.core.ffcv_ops.mix64`)."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def batch_seed(seed: int, epoch: int, batch: int, rank: int, view: int = 0) -> int:
-    """Seed of the colour-augmentation generator for one batch of one view on one rank (a 63-bit int).
-
-    Hashing (rather than ``seed + batch``) keeps the streams of neighbouring batches, epochs, ranks and views
-    unrelated.
-    """
-    h = _mix64(seed & _MASK64)
-    for part in (epoch, batch, rank, view):
-        h = _mix64(h ^ (part & _MASK64))
-    return h >> 1  # torch.Generator.manual_seed takes a signed 64-bit value
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -124,19 +103,6 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> tor
     y = F.conv2d(y, kernel.view(n * c, 1, -1, 1), groups=n * c)  # vertical pass
     y = F.conv2d(y, kernel.view(n * c, 1, 1, -1), groups=n * c)  # horizontal pass
     return y.reshape(n, c, h, w)
-
-
-@dataclass
-class ColorParams:
-    """Per-sample random parameters of one batch of one view (all on the CPU, length N)."""
-
-    jitter: torch.Tensor  # bool: apply colour jitter
-    factors: torch.Tensor  # (N, 4) float: brightness, contrast, saturation factors and hue shift
-    order: torch.Tensor  # (N, 4) long: the order of the four jitter operations
-    gray: torch.Tensor  # bool
-    blur: torch.Tensor  # bool
-    sigma: torch.Tensor  # float
-    solarize: torch.Tensor  # bool
 
 
 class ColorAugment:
@@ -200,13 +166,13 @@ class ColorAugment:
         """Augment uint8 pixels ``x`` ``(N, 3, H, W)`` (any layout): a new float32 NCHW tensor in [0, 1].
 
         The same images as ``self(x / 255, generator)``. On the CPU, jitter and grayscale run in one fused numba
-        pass per image (:mod:`sslrun.core.color_cpu`, ~12x faster there than these torch ops); elsewhere, and for
+        pass per image (:mod:`sslrun.core.data.color_cpu`, ~12x faster there than these torch ops); elsewhere, and for
         blur and solarization, the torch ops below.
         """
         params = self.sample(x.shape[0], generator)
         if x.device.type != "cpu":
             return self.apply(x.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0), params)
-        from sslrun.core.color_cpu import to_float_jitter_gray  # numba: imported only where it runs
+        from sslrun.core.data.color_cpu import to_float_jitter_gray  # numba: imported only where it runs
 
         y = to_float_jitter_gray(x, params, self._enabled)
         return self._blur_solarize(y, params)

@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import fcntl
-import hashlib
 import json
 import math
 import multiprocessing as mp
@@ -43,6 +42,8 @@ import numpy as np
 
 from sslrun.core.config import DataCfg, coerce_dataclass
 from sslrun.core.errors import ConfigError, DataError, SslrunError
+from sslrun.core.files import atomic_write_text
+from sslrun.core.files import sha256_file as _sha256_file
 
 __all__ = [
     "FIELDS",
@@ -386,14 +387,6 @@ def _encode_in_workers(
     return [a for w in sorted(allocations) for a in allocations[w]], np.frombuffer(stats_out, dtype=np.int64).copy()
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_beton(
     samples: Sequence[tuple[np.ndarray, int]],
     output: str | Path,
@@ -518,9 +511,7 @@ def write_beton(
         mpath = manifest_path(output)
         mpath.unlink(missing_ok=True)  # an old manifest must never describe the new file
         os.replace(tmp, output)
-        mtmp = mpath.with_name(mpath.name + ".tmp")
-        mtmp.write_text(manifest.to_json())
-        os.replace(mtmp, mpath)
+        atomic_write_text(mpath, manifest.to_json())
     except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -631,7 +622,7 @@ def verify_beton(path: str | Path) -> Manifest:
 class BetonReader:
     """Random access to the samples of a verified .beton with numpy (raw) or OpenCV (jpg), no numba JIT.
 
-    For inspection and image grids; training reads through the FFCV loaders of :mod:`sslrun.core.loader`.
+    For inspection and image grids; training reads through the FFCV loaders of :mod:`sslrun.core.data.loader`.
 
     Example:
         >>> r = BetonReader("train.beton")  # doctest: +SKIP
@@ -686,7 +677,7 @@ def dataset_from_cfg(data_cfg: DataCfg) -> tuple[Any, dict[str, Any]]:
 
     ``data.root`` fills the plugin's ``root`` unless ``dataset_kwargs`` sets it.
     """
-    from sslrun.core.registry import get_registry
+    from sslrun.core.plugins.registry import get_registry
 
     cls = get_registry("dataset").get(data_cfg.dataset)
     kwargs = dict(data_cfg.dataset_kwargs)

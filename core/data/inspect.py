@@ -1,9 +1,9 @@
 """``sslrun data inspect``: what is in a prepared .beton (count, fields, image sizes, label histogram, mean/std),
 a PNG grid of its samples, and a grid of the augmented views a method would train on.
 
-Samples for the grid are read with :class:`sslrun.core.beton.BetonReader` (numpy/OpenCV, no numba JIT: an
+Samples for the grid are read with :class:`sslrun.core.data.beton.BetonReader` (numpy/OpenCV, no numba JIT: an
 inspection answers in a second); the augmented views come from the training loader
-(:func:`sslrun.core.loader.sample_views`), so they are exactly what the method sees.
+(:func:`sslrun.core.data.loader.sample_views`), so they are exactly what the method sees.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from sslrun.core.beton import FIELDS, BetonReader, verify_beton
+from sslrun.core.data.beton import FIELDS, BetonReader, verify_beton
 from sslrun.core.errors import ConfigError, DataError
 
 __all__ = ["compose_grid", "summarize", "write_sample_grid", "write_views_grid"]
@@ -103,14 +103,14 @@ def write_views_grid(path: str | Path, method: str, out: str | Path, n: int = 8)
     """
     import torch
 
-    from sslrun.core.resolve import method_class
+    from sslrun.core.plugins.resolve import method_class
 
     manifest = verify_beton(path)
     try:
-        from sslrun.core.loader import sample_views
+        from sslrun.core.data.loader import sample_views
     except ImportError as exc:
         raise ConfigError(
-            f"augmented views are unavailable: sslrun.core.loader.sample_views cannot be imported ({exc})"
+            f"augmented views are unavailable: sslrun.core.data.loader.sample_views cannot be imported ({exc})"
         ) from exc
     cls = method_class(method)
     image_size = max(manifest.image_size)

@@ -11,9 +11,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sslrun.core.config import DataCfg, ExperimentConfig
-from sslrun.core.errors import CheckpointError, ConfigError, DataError
+from sslrun.core.errors import CheckpointError, DataError
+from sslrun.core.files import atomic_path, sha256_file
 
 __all__ = [
     "EvalData",
@@ -31,11 +30,9 @@ __all__ = [
     "cached_features",
     "encoder_kwargs",
     "extract_features",
-    "file_sha256",
     "load_pretrained",
     "pretraining_manifest",
     "prepare_eval_data",
-    "resolve_device",
 ]
 
 FEATURE_CACHE_FORMAT = "sslrun-features/1"
@@ -76,32 +73,10 @@ class EvalData:
     num_classes: int
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """``auto`` (or None) -> CUDA when available, else CPU; ``cpu``/``cuda``/``cuda:N`` as given."""
-    if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"unknown device {name!r}; use auto, cpu or cuda") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    return device
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def encoder_kwargs(cfg: ExperimentConfig, image_size: int) -> dict[str, Any]:
     """The keyword arguments the encoder factory is actually called with: ``encoder.kwargs`` plus
-    ``image_size`` when the factory takes it (what :func:`sslrun.core.resolve.build_encoder` passes)."""
-    from sslrun.core.registry import get_registry
+    ``image_size`` when the factory takes it (what :func:`sslrun.core.plugins.resolve.build_encoder` passes)."""
+    from sslrun.core.plugins.registry import get_registry
 
     factory = get_registry("encoder").get(cfg.encoder.name)
     kwargs = dict(cfg.encoder.kwargs)
@@ -115,11 +90,11 @@ def encoder_kwargs(cfg: ExperimentConfig, image_size: int) -> dict[str, Any]:
 
 
 def pretraining_manifest(cfg: ExperimentConfig) -> Any | None:
-    """The manifest (:class:`sslrun.core.beton.Manifest`) of the run's pretraining split when it is in the local
+    """The manifest (:class:`sslrun.core.data.beton.Manifest`) of the run's pretraining split when it is in the local
     data cache (``data.data_dir``), else None. Read without hashing the .beton: only sizes and statistics are
     needed here."""
-    from sslrun.core.beton import Manifest, cached_path, manifest_path
-    from sslrun.core.registry import get_registry
+    from sslrun.core.data.beton import Manifest, cached_path, manifest_path
+    from sslrun.core.plugins.registry import get_registry
 
     try:
         split = cfg.data.split or get_registry("dataset").get(cfg.data.dataset).splits[0]
@@ -142,7 +117,7 @@ def _pretraining_image_size(cfg: ExperimentConfig, ckpt: dict[str, Any]) -> int:
     manifest = pretraining_manifest(cfg)
     if manifest is not None:
         return int(max(manifest.image_size))
-    from sslrun.core.resolve import build_dataset
+    from sslrun.core.plugins.resolve import build_dataset
 
     return int(build_dataset(cfg).info().image_size)
 
@@ -177,8 +152,8 @@ def load_pretrained(path: str | Path) -> Pretrained:
             and encoder its config names.
         PluginError: the checkpoint's method or encoder plugin is not installed here.
     """
-    from sslrun.core.checkpoint import checkpoint_config, load_checkpoint
-    from sslrun.core.resolve import build_method
+    from sslrun.core.plugins.resolve import build_method
+    from sslrun.core.train.checkpoint import checkpoint_config, load_checkpoint
 
     p = Path(path)
     if p.is_dir() and (p / "checkpoints" / "last.pt").is_file():
@@ -206,7 +181,7 @@ def load_pretrained(path: str | Path) -> Pretrained:
         image_size=image_size,
         checkpoint=p.resolve(),
         step=int(step) if isinstance(step, int) else None,
-        fingerprint=file_sha256(p),
+        fingerprint=sha256_file(p),
     )
 
 
@@ -216,8 +191,8 @@ def prepare_eval_data(data_cfg: DataCfg) -> EvalData:
     Raises:
         DataError: the dataset has no labelled evaluation splits, or its splits carry no class count.
     """
-    from sslrun.core.beton import ensure_prepared, verify_beton
-    from sslrun.core.resolve import build_dataset
+    from sslrun.core.data.beton import ensure_prepared, verify_beton
+    from sslrun.core.plugins.resolve import build_dataset
 
     dataset = build_dataset(ExperimentConfig(data=data_cfg))
     splits = type(dataset).eval_splits
@@ -256,7 +231,7 @@ def extract_features(
     Returns:
         ``(features (N, D) float32 on the CPU, labels (N,) int64 on the CPU)``.
     """
-    from sslrun.core.loader import EvalLoader
+    from sslrun.core.data.loader import EvalLoader
 
     was_training = encoder.training
     encoder.eval().to(device)
@@ -285,7 +260,7 @@ def extract_features(
 
 
 def _cache_key(pre: Pretrained, path: Path, max_samples: int | None, image_size: int | None) -> str:
-    from sslrun.core.beton import verify_beton
+    from sslrun.core.data.beton import verify_beton
 
     manifest = verify_beton(path)
     payload = {
@@ -353,20 +328,9 @@ def cached_features(
             pass
     f, y = extract()
     try:
-        _write_cache(file, {"format": FEATURE_CACHE_FORMAT, "key": key, "features": f, "labels": y})
+        # atomic: a crash mid-save must not leave a truncated cache that a later run would trust
+        with atomic_path(file) as tmp:
+            torch.save({"format": FEATURE_CACHE_FORMAT, "key": key, "features": f, "labels": y}, tmp)
     except OSError as exc:  # a read-only checkpoint folder (shared storage): evaluate anyway, uncached
         print(f"note: features not cached ({exc}); they will be extracted again next time", file=sys.stderr)
     return f, y, False
-
-
-def _write_cache(file: Path, blob: dict[str, Any]) -> None:
-    """Atomic write: a crash mid-save must not leave a truncated file that a later run would trust."""
-    file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=file.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(blob, tmp)
-        os.replace(tmp, file)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

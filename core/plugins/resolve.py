@@ -17,7 +17,7 @@ from torch import nn
 from sslrun.core.config import ExperimentConfig, coerce_dataclass
 from sslrun.core.errors import ConfigError, SslrunError, UnknownPluginError
 from sslrun.core.interfaces import Dataset, Method, ViewSpec
-from sslrun.core.registry import get_registry
+from sslrun.core.plugins.registry import get_registry
 
 __all__ = [
     "build_dataset",
@@ -37,7 +37,7 @@ def method_class(name: str) -> type[Method]:
     if name in methods.names():
         return methods.get(name)
     if name in pretexts.names():
-        from sslrun.core.pretext import pretext_method_class
+        from sslrun.core.plugins.pretext import pretext_method_class
 
         return pretext_method_class(pretexts.get(name))
     raise UnknownPluginError(

@@ -18,7 +18,6 @@ the snippet).
 
 from __future__ import annotations
 
-import os
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 
 from sslrun.core.errors import CheckpointError
+from sslrun.core.files import atomic_path
 
 __all__ = ["EXPORT_FORMAT", "export_encoder", "strip_prefixes"]
 
@@ -101,7 +101,7 @@ def export_encoder(checkpoint: str | Path, output: str | Path) -> dict[str, Any]
         >>> meta = export_encoder("runs/demo/checkpoints/last.pt", "encoder.pt")  # doctest: +SKIP
         >>> blob = torch.load("encoder.pt", weights_only=True)  # doctest: +SKIP
     """
-    from sslrun.core.eval_features import encoder_kwargs, load_pretrained, pretraining_manifest
+    from sslrun.core.eval.features import encoder_kwargs, load_pretrained, pretraining_manifest
 
     out = Path(output)
     if out.is_dir():
@@ -124,11 +124,6 @@ def export_encoder(checkpoint: str | Path, output: str | Path) -> dict[str, Any]
             "normalization": _normalization(pre.cfg, pretraining_manifest),
         }
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(out) as tmp:
         torch.save({"format": EXPORT_FORMAT, "state_dict": state, "meta": meta}, tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return meta

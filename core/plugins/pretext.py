@@ -14,7 +14,7 @@
 * ``visuals()`` returns the task's input / prediction / target images of the last step for TensorBoard.
 
 Example:
-    >>> from sslrun.core.registry import get_registry
+    >>> from sslrun.core.plugins.registry import get_registry
     >>> cls = pretext_method_class(get_registry("pretext").get("rotation"))  # doctest: +SKIP
     >>> cls.name  # doctest: +SKIP
     'rotation'
@@ -33,24 +33,9 @@ from torch import nn
 from sslrun.core.distributed import rank
 from sslrun.core.errors import ConfigError, PluginValidationError
 from sslrun.core.interfaces import Method, PretextTask, ViewSpec
+from sslrun.core.rng import step_seed
 
 __all__ = ["PretextMethod", "pretext_method_class", "step_seed"]
-
-_MASK64 = (1 << 64) - 1
-
-
-def _mix64(x: int) -> int:
-    """splitmix64 finaliser: nearby inputs (step 7, step 8) give unrelated 64-bit outputs."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """The generator seed of one training step on one rank (63 bits, valid for ``torch.Generator.manual_seed``).
-    Ranks get different masks for their different images; the same (seed, step, rank) always gives the same."""
-    return _mix64(_mix64(_mix64(seed) ^ step) ^ rank) >> 1
 
 
 class PretextMethod(Method):
@@ -77,7 +62,7 @@ class PretextMethod(Method):
         if not isinstance(image_size, int):
             raise ConfigError(
                 f"pretext task {self.name!r} needs the image size to build its head; "
-                f"build it with sslrun.core.resolve.build_method(cfg, image_size)"
+                f"build it with sslrun.core.plugins.resolve.build_method(cfg, image_size)"
             )
         self.image_size = image_size
         self.task = self.task_cls(cfg)

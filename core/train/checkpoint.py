@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ import torch
 
 from sslrun.core.config import ExperimentConfig
 from sslrun.core.errors import CheckpointError, ConfigError
+from sslrun.core.files import atomic_path
 
 __all__ = [
     "FORMAT",
@@ -52,25 +54,14 @@ def save_checkpoint(state: dict[str, Any], path: Path, also: Path | None = None)
     Returns:
         ``path``.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save({"format": FORMAT, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        if also is not None:
-            tmp_also = also.with_name(f".{also.name}.tmp{os.getpid()}")
+    with atomic_path(path, fsync=True) as tmp:
+        torch.save({"format": FORMAT, **state}, tmp)
+    if also is not None:
+        with atomic_path(also) as tmp_also:
             try:
                 os.link(path, tmp_also)
             except OSError:
-                import shutil
-
                 shutil.copyfile(path, tmp_also)
-            os.replace(tmp_also, also)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -6,7 +6,7 @@ and query split (``Dataset.eval_splits``, each capped at ``log.knn_max_samples``
 ``no_grad`` and is put back in train mode afterwards; the feature bank is freed as soon as the accuracy is known,
 and the seconds it took are logged beside it, so the monitor's cost is visible (USERS.md #6).
 
-The two :class:`~sslrun.core.loader.EvalLoader` objects are built on first use and kept for the rest of the run:
+The two :class:`~sslrun.core.data.loader.EvalLoader` objects are built on first use and kept for the rest of the run:
 each new FFCV loader pays its numba JIT again (STACK-NOTES A3i). Under DDP only rank 0 evaluates; the trainer
 broadcasts the result, which doubles as the barrier the other ranks wait at.
 """
@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from sslrun.core.checkpoint import capture_rng, restore_rng
 from sslrun.core.config import DataCfg
-from sslrun.core.knn import knn_accuracy
+from sslrun.core.train.checkpoint import capture_rng, restore_rng
+from sslrun.core.train.knn import knn_accuracy
 
 __all__ = ["OnlineKnn"]
 
@@ -66,8 +66,8 @@ class OnlineKnn:
         self._num_classes: int | None = None
 
     def _build(self) -> list[Any]:
-        from sslrun.core.beton import ensure_prepared, verify_beton
-        from sslrun.core.loader import EvalLoader
+        from sslrun.core.data.beton import ensure_prepared, verify_beton
+        from sslrun.core.data.loader import EvalLoader
 
         loaders = []
         for split in self.eval_splits:

@@ -2,15 +2,15 @@
 from-scratch baseline (``sslrun eval knn|linear|finetune``).
 
 Every protocol reads the dataset's two labelled splits (``Dataset.eval_splits``: train, test), draws the same
-class-balanced seeded label subset of the train split (:mod:`sslrun.core.eval_subsets`) and scores on the whole
+class-balanced seeded label subset of the train split (:mod:`sslrun.core.eval.subsets`) and scores on the whole
 test split:
 
 * **knn** — weighted cosine kNN (Wu et al. 2018; DINO's ``eval_knn``) of frozen test features against the
   frozen features of the labelled subset, with both usual settings: k=20, T=0.07 (DINO) and k=200, T=0.1 (Wu
   et al., InstDisc; the online monitor's setting, reported as the headline ``top1``).
-* **linear** — a linear classifier on frozen, cached features (:mod:`sslrun.core.eval_linear`).
+* **linear** — a linear classifier on frozen, cached features (:mod:`sslrun.core.eval.linear`).
 * **finetune** — the whole encoder plus a linear head trained on the labelled subset
-  (:mod:`sslrun.core.eval_finetune`); with ``from_scratch`` the same recipe from random initialisation, the
+  (:mod:`sslrun.core.eval.finetune`); with ``from_scratch`` the same recipe from random initialisation, the
   baseline that shows what pretraining adds.
 
 Results are :class:`EvalResult` objects, written as JSON next to the checkpoint:
@@ -31,15 +31,15 @@ import torch
 
 from sslrun.core.config import DataCfg, ExperimentConfig, PluginRef
 from sslrun.core.errors import ConfigError, DataError
-from sslrun.core.eval_features import (
+from sslrun.core.eval.features import (
     EvalData,
     Pretrained,
     cached_features,
     load_pretrained,
     prepare_eval_data,
-    resolve_device,
 )
-from sslrun.core.eval_subsets import balanced_subset
+from sslrun.core.eval.subsets import balanced_subset
+from sslrun.core.system import parse_device
 
 __all__ = [
     "KNN_SETTINGS",
@@ -235,10 +235,10 @@ def run_knn(pre: Pretrained, data: EvalData, opts: EvalOptions) -> EvalResult:
     The headline ``top1``/``top5`` are those of the last setting (k=200, T=0.1: the online monitor's, so the
     offline number continues its curve); every setting is in ``details["settings"]``.
     """
-    from sslrun.core.knn import knn_accuracy
+    from sslrun.core.train.knn import knn_accuracy
 
     started = time.perf_counter()
-    device = resolve_device(opts.device)
+    device = parse_device(opts.device)
     feats = _features(pre, data, opts, device)
     (bank, bank_y), (query, query_y) = feats["train"], feats["test"]
     settings = []
@@ -264,10 +264,10 @@ def run_knn(pre: Pretrained, data: EvalData, opts: EvalOptions) -> EvalResult:
 
 def run_linear(pre: Pretrained, data: EvalData, opts: EvalOptions) -> EvalResult:
     """A linear probe on frozen features of the labelled subset, scored on the test split."""
-    from sslrun.core.eval_linear import DEFAULT_WEIGHT_DECAYS, topk_accuracy, train_linear_probe
+    from sslrun.core.eval.linear import DEFAULT_WEIGHT_DECAYS, topk_accuracy, train_linear_probe
 
     started = time.perf_counter()
-    device = resolve_device(opts.device)
+    device = parse_device(opts.device)
     feats = _features(pre, data, opts, device)
     (x, y), (xt, yt) = feats["train"], feats["test"]
     iters = opts.epochs or LINEAR_DEFAULT_ITERS
@@ -312,10 +312,10 @@ def run_finetune(pre: Pretrained, data: EvalData, opts: EvalOptions, *, from_scr
         opts: shared options (``epochs``, ``lr``, ``weight_decay``, ``batch_size`` ...).
         from_scratch: label the result ``scratch`` (the encoder is expected to be randomly initialised).
     """
-    from sslrun.core.eval_finetune import FinetuneOptions, finetune, read_labels
+    from sslrun.core.eval.finetune import FinetuneOptions, finetune, read_labels
 
     started = time.perf_counter()
-    device = resolve_device(opts.device)
+    device = parse_device(opts.device)
     labels = read_labels(data.train, max_samples=opts.max_samples)
     indices = _subset(labels, data, opts)
     ft = FinetuneOptions(
@@ -354,7 +354,7 @@ def run_finetune(pre: Pretrained, data: EvalData, opts: EvalOptions, *, from_scr
 # ---- entry point used by the CLI ------------------------------------------------------------------------------
 def scratch_encoder(cfg: ExperimentConfig, image_size: int, seed: int) -> Pretrained:
     """A randomly initialised encoder with the architecture ``cfg`` names (seeded, so baselines reproduce)."""
-    from sslrun.core.resolve import build_encoder
+    from sslrun.core.plugins.resolve import build_encoder
 
     with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's global RNG state
         torch.manual_seed(seed)
@@ -440,7 +440,7 @@ def evaluate(
     else:
         data_cfg = _eval_data_cfg(None, dataset, data_dir, root, dataset_kwargs, opts.num_workers)
         cfg = ExperimentConfig(encoder=PluginRef(encoder or "small_cnn"), data=data_cfg)
-        from sslrun.core.resolve import build_dataset
+        from sslrun.core.plugins.resolve import build_dataset
 
         image_size = int(build_dataset(cfg).info().image_size)
         pre = scratch_encoder(cfg, image_size, opts.seed)

@@ -238,7 +238,7 @@ class AugmentState:
     """``(seed, epoch)`` shared by a loader's seeded ops, read by the compiled code at run time.
 
     Compiled code sees this array through its address (see the module docstring), so this object must outlive
-    every loader built with it; :class:`sslrun.core.loader.ViewLoader` owns one. Set the epoch *before*
+    every loader built with it; :class:`sslrun.core.data.loader.ViewLoader` owns one. Set the epoch *before*
     starting an epoch's iterator: the iterator thread then reads it for every batch.
 
     Args:
@@ -425,7 +425,7 @@ class SeededHorizontalFlip(Operation):
     """Flip HxWx3 uint8 images left-right, in place, with probability ``p`` seeded by ``(seed, epoch, index, view)``.
 
     In place (no allocation, no copy of unflipped images): it must directly follow a decoder whose output no
-    other pipeline branches from, which holds for :class:`sslrun.core.loader.ViewLoader` (one decoder per view).
+    other pipeline branches from, which holds for :class:`sslrun.core.data.loader.ViewLoader` (one decoder per view).
 
     Args:
         state: the loader's :class:`AugmentState`.

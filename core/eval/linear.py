@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from sslrun.core.eval_subsets import holdout_split
+from sslrun.core.eval.subsets import holdout_split
 
 __all__ = ["DEFAULT_WEIGHT_DECAYS", "LinearProbe", "fit_logistic", "topk_accuracy", "train_linear_probe"]
 

@@ -6,8 +6,8 @@ buffer that every view crops from, otherwise each view decodes on its own. The w
 cheapest:
 
 * in FFCV (CPU threads, numba): decode, random-resized crop and horizontal flip, seeded by
-  ``(seed, epoch, sample index, view)`` (:mod:`sslrun.core.ffcv_ops`; FFCV's own ops cannot be seeded);
-* on the training device, batched (:mod:`sslrun.core.augment`): colour jitter, grayscale, blur, solarization with
+  ``(seed, epoch, sample index, view)`` (:mod:`sslrun.core.data.ops`; FFCV's own ops cannot be seeded);
+* on the training device, batched (:mod:`sslrun.core.data.augment`): colour jitter, grayscale, blur, solarization with
   per-sample parameters from a generator seeded by ``(seed, epoch, batch index, rank, view)``, then
   normalisation with the manifest's mean/std.
 
@@ -23,7 +23,6 @@ to the usable cores (A3b); torch's thread count is restored after FFCV changes i
 
 from __future__ import annotations
 
-import os
 import queue
 import time
 from collections.abc import Iterator, Sequence
@@ -34,9 +33,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from sslrun.core.augment import IMAGENET_MEAN, IMAGENET_STD, ColorAugment, Normalize, batch_seed
+from sslrun.core.data.augment import IMAGENET_MEAN, IMAGENET_STD, ColorAugment, Normalize, batch_seed
 from sslrun.core.errors import ConfigError, DataError
 from sslrun.core.interfaces import ViewSpec
+from sslrun.core.system import parse_device, usable_cores
 
 __all__ = ["STALL_TIMEOUT_S", "EvalLoader", "ViewLoader", "sample_views", "usable_workers"]
 
@@ -53,20 +53,20 @@ def usable_workers(requested: int) -> int:
     """``min(requested, usable cores)``: FFCV raises on more threads than cores (STACK-NOTES A3b)."""
     if requested < 1:
         raise ConfigError(f"num_workers must be >= 1, got {requested}")
-    return min(requested, len(os.sched_getaffinity(0)))
+    return min(requested, usable_cores())
 
 
 def _ffcv() -> Any:
-    """Import FFCV (through :mod:`sslrun.core.ffcv_ops`, which keeps torch's thread count) on first use, so that
+    """Import FFCV (through :mod:`sslrun.core.data.ops`, which keeps torch's thread count) on first use, so that
     importing this module stays cheap: ``import ffcv`` compiles numba code for seconds."""
-    from sslrun.core import ffcv_ops
+    from sslrun.core.data import ops as ffcv_ops
 
     return ffcv_ops
 
 
 def _manifest_stats(path: Path) -> tuple[tuple[int, int], tuple[float, ...], tuple[float, ...], int]:
-    """``((H, W), mean, std, num_samples)`` of a verified .beton (:func:`sslrun.core.beton.verify_beton`)."""
-    from sslrun.core.beton import verify_beton
+    """``((H, W), mean, std, num_samples)`` of a verified .beton (:func:`sslrun.core.data.beton.verify_beton`)."""
+    from sslrun.core.data.beton import verify_beton
 
     if not path.exists():
         raise DataError(f"{path} does not exist; prepare the data first with `sslrun data prepare`")
@@ -80,20 +80,10 @@ def _manifest_stats(path: Path) -> tuple[tuple[int, int], tuple[float, ...], tup
 
 def _image_sizes(path: Path) -> np.ndarray:
     """``(N, 2)`` heights and widths of the images of a verified .beton (from its metadata, no decoding)."""
-    from sslrun.core.beton import BetonReader
+    from sslrun.core.data.beton import BetonReader
 
     sizes = BetonReader(path).sizes
     return sizes if len(sizes) else np.zeros((1, 2), dtype=np.int64)
-
-
-def _device(device: torch.device | str) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"device {device!r} is not a torch device (e.g. 'cpu', 'cuda:0')") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {dev} was asked for but CUDA is not available; use device='cpu'")
-    return dev
 
 
 def _check_batch(batch_size: int, max_samples: int | None) -> None:
@@ -257,7 +247,7 @@ class ViewLoader:
     ``DistributedSampler`` does.
 
     Small images: crops smaller than the output are enlarged bilinearly inside the decoder (torchvision's
-    convention), larger ones shrunk with OpenCV's ``INTER_AREA``; see :mod:`sslrun.core.ffcv_ops`.
+    convention), larger ones shrunk with OpenCV's ``INTER_AREA``; see :mod:`sslrun.core.data.ops`.
 
     Args:
         path: a prepared ``.beton`` (verified against its manifest first).
@@ -312,7 +302,7 @@ class ViewLoader:
             raise ConfigError(f"ViewLoader views must be ViewSpec instances, got {', '.join(sorted(set(bad)))}")
         _check_batch(batch_size, max_samples)
         batch_size = int(batch_size)
-        self.device = _device(device)
+        self.device = parse_device(device, flag="device")
         self.num_workers = usable_workers(num_workers)
         (height, width), mean, std, num_samples = _manifest_stats(self.path)
         for i, v in enumerate(views):
@@ -395,7 +385,7 @@ class ViewLoader:
         self._active: _Epoch | None = None
         # On the CPU the colour augmentations of the views can run side by side on the usable cores; on a GPU
         # they are asynchronous kernel launches already.
-        cores = len(os.sched_getaffinity(0))
+        cores = usable_cores()
         self._pool = (
             ThreadPoolExecutor(min(len(views), cores), thread_name_prefix="sslrun-views")
             if self.device.type == "cpu" and len(views) > 1 and cores > 1
@@ -512,7 +502,7 @@ class EvalLoader:
         self.path = Path(path)
         _check_batch(batch_size, max_samples)
         batch_size = int(batch_size)
-        self.device = _device(device)
+        self.device = parse_device(device, flag="device")
         self.num_workers = usable_workers(num_workers)
         (height, width), mean, std, num_samples = _manifest_stats(self.path)
         self.mean, self.std = mean, std

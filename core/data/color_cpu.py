@@ -1,11 +1,11 @@
 """Fused CPU kernel for the colour part of a view: uint8 pixels -> float, colour jitter, grayscale, in one pass.
 
-On a GPU, :class:`~sslrun.core.augment.ColorAugment` runs as a handful of batched torch kernels, and they are
+On a GPU, :class:`~sslrun.core.data.augment.ColorAugment` runs as a handful of batched torch kernels, and they are
 cheap. On the CPU the same torch code makes ~15 full passes over the batch in memory (one per elementwise op, each
 allocating), and that is what bounds a CPU loader (about 22 us per 28 px view, against ~1 us for FFCV's crop).
 This module does the same arithmetic per image while the image sits in the L1 cache: read FFCV's uint8 NHWC
 pixels, write float32 NCHW in [0, 1], then apply each sample's jitter operations in its own order and its
-grayscale choice. The random parameters are the very :class:`~sslrun.core.augment.ColorParams` the torch path
+grayscale choice. The random parameters are the very :class:`~sslrun.core.data.color_params.ColorParams` the torch path
 draws, so both paths give the same images (to float rounding; ``tests/test_color_cpu.py`` checks them against
 each other and, through the torch path's own tests, against torchvision).
 
@@ -20,7 +20,7 @@ import numba
 import numpy as np
 import torch
 
-from sslrun.core.augment import ColorParams
+from sslrun.core.data.color_params import ColorParams
 
 __all__ = ["to_float_jitter_gray"]
 
@@ -116,7 +116,7 @@ def _kernel(
 def to_float_jitter_gray(x: torch.Tensor, params: ColorParams, enabled: tuple[bool, bool, bool, bool]) -> torch.Tensor:
     """uint8 ``(N, 3, H, W)`` pixels (any layout; FFCV's is channels-last) -> float32 NCHW in [0, 1] with each
     sample's colour jitter (in its drawn order) and grayscale applied. Blur and solarization are left to the
-    caller (:meth:`~sslrun.core.augment.ColorAugment.apply` with jitter and grayscale switched off).
+    caller (:meth:`~sslrun.core.data.augment.ColorAugment.apply` with jitter and grayscale switched off).
 
     Equal, to float rounding, to ``ColorAugment.apply`` restricted to jitter and grayscale on ``x / 255``.
     """
