@@ -10,8 +10,10 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 # Ray must stay on loopback: run it in a network namespace that has only `lo` (root), never posting usage statistics.
 NETNS := unshare -n sh -c
 NETNS_ENV := ip link set lo up; export GLOO_SOCKET_IFNAME=lo RAY_USAGE_STATS_ENABLED=0;
+# Each `make demo` writes a fresh run directory (runs/demo/<date-time>), so it can be run again and again.
+DEMO_OUT ?= runs/demo/$$(date +%Y%m%d-%H%M%S)
 DEMO_ARGS ?= --method simclr --encoder small_cnn --dataset fashion-mnist --workers-per-node 2 --epochs 1 \
-	--batch-size 256 --output runs/demo
+	--batch-size 256 --output $(DEMO_OUT)
 
 .PHONY: setup apt demo test lint clean
 setup: apt $(STAMP)

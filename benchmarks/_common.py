@@ -24,7 +24,7 @@ import torch
 
 from sslrun.core.interfaces import ViewSpec
 from sslrun.core.system import usable_cores
-from sslrun.core.train.trainer import TrainHooks
+from sslrun.core.train.callbacks import TrainHooks
 
 __all__ = [
     "BENCH_ENV",

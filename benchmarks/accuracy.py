@@ -237,7 +237,8 @@ def pretrain(args: argparse.Namespace, method: str, run_dir: Path) -> dict[str, 
 
 
 def _num_train_samples(cfg: Any) -> int:
-    from sslrun.core.data.beton import ensure_prepared, verify_beton
+    from sslrun.core.data.cache import ensure_prepared
+    from sslrun.core.data.format import verify_beton
 
     n = verify_beton(ensure_prepared(cfg.data, cfg.data.split)).num_samples
     return min(n, cfg.data.max_samples or n)

@@ -154,7 +154,8 @@ def run_sslrun(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
 
 def run_torchvision(args: argparse.Namespace, cfg: Any, jpegs: list[bytes], device: torch.device) -> dict[str, Any]:
     """The same method, optimiser and precision, fed by a torchvision ``DataLoader``."""
-    from sslrun.core.data.beton import ensure_prepared, verify_beton
+    from sslrun.core.data.cache import ensure_prepared
+    from sslrun.core.data.format import verify_beton
     from sslrun.core.plugins.resolve import build_method, method_class, method_config
     from sslrun.core.train.optim import build_optimizer
 
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="sslrun-gpu-data-") as tmp:
         data_dir = args.data_dir or tmp
-        from sslrun.core.data.beton import ensure_prepared
+        from sslrun.core.data.cache import ensure_prepared
 
         print("  preparing the synthetic JPEG .beton ...", file=sys.stderr, flush=True)
         ensure_prepared(data_cfg(args, data_dir), "train", num_workers=max(1, min(8, usable_cores())), progress=False)

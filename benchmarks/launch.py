@@ -39,7 +39,7 @@ def main() -> None:
     args = p.parse_args()
     counts = [int(w) for w in args.workers.split(",")]
 
-    from sslrun.cli import experiment_from_cli
+    from sslrun.cli.common import experiment_from_cli
     from sslrun.cluster.launcher import launch
     from sslrun.cluster.local_ray import connect_or_start
 

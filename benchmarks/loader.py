@@ -64,7 +64,7 @@ def simclr_views(image_size: int) -> list[ViewSpec]:
 def fashion_mnist(data_dir: str, root: str | None) -> Path:
     """The prepared Fashion-MNIST train split (60k 28x28 grayscale, replicated to RGB)."""
     from sslrun.core.config import DataCfg
-    from sslrun.core.data.beton import ensure_prepared
+    from sslrun.core.data.cache import ensure_prepared
 
     return ensure_prepared(DataCfg(dataset="fashion-mnist", root=root, data_dir=data_dir), "train", progress=False)
 
@@ -72,7 +72,7 @@ def fashion_mnist(data_dir: str, root: str | None) -> Path:
 def synthetic_jpeg(out_dir: Path, n: int, side: int = 64) -> Path:
     """``n`` smooth random ``side``x``side`` RGB images (low-frequency colour fields plus noise, so JPEG behaves
     as on photos rather than on white noise), written as a JPEG .beton."""
-    from sslrun.core.data.beton import write_beton
+    from sslrun.core.data.writer import write_beton
 
     rng = np.random.default_rng(0)
     coarse = rng.integers(0, 256, (n, 4, 4, 3)).astype(np.float32)
@@ -99,7 +99,7 @@ class _TwoViews(torch.utils.data.Dataset):
     """The same images as the .beton (raw pixels, or JPEG bytes decoded with PIL per access), 2 views each."""
 
     def __init__(self, path: Path, views: list[ViewSpec], mean: list[float], std: list[float]) -> None:
-        from sslrun.core.data.beton import BetonReader
+        from sslrun.core.data.format import BetonReader
 
         reader = BetonReader(path)
         self.jpeg = reader.manifest.image_format == "jpg"
@@ -151,7 +151,7 @@ class Measure:
 
 def bench_torchvision(path: Path, views: list[ViewSpec], batch: int, workers: int, batches: int) -> Measure:
     """A DataLoader over ``batches`` batches after an untimed first batch (worker start-up)."""
-    from sslrun.core.data.beton import verify_beton
+    from sslrun.core.data.format import verify_beton
 
     m = verify_beton(path)
     ds = _TwoViews(path, views, m.mean, m.std)
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from sslrun.core.config import default_data_dir
-    from sslrun.core.data.beton import verify_beton
+    from sslrun.core.data.format import verify_beton
 
     load_before = os.getloadavg()
     torch.set_num_threads(args.torch_threads)

@@ -6,8 +6,8 @@ settings**, and the benchmark reports steady-state images per second and the rat
 * model: sslrun's ``small_cnn`` encoder (imported by the lightly script too) and the paper's heads (SimCLR:
   2048-128 projector, NT-Xent T=0.5; BYOL: 4096-256 projector and predictor, EMA target);
 * data: the prepared Fashion-MNIST train split (60k 28x28 images); the lightly side reads the very same
-  ``.beton`` with :class:`sslrun.core.data.beton.BetonReader` into memory, then a torch ``DataLoader`` applies lightly's
-  ``SimCLRTransform`` / ``BYOLTransform`` per image in worker processes, with parameters taken from the sslrun
+  ``.beton`` with :class:`sslrun.core.data.format.BetonReader` into memory, then a torch ``DataLoader`` applies
+  lightly's ``SimCLRTransform`` / ``BYOLTransform`` per image in worker processes, with parameters taken from the sslrun
   method's own view specs (crop scale, jitter, grayscale, blur, solarize: identical augmentations);
 * sslrun side: :func:`sslrun.core.train.trainer.train` (FFCV decode and crops in numba threads, colour augmentations
   per batch in the fused CPU kernel, model in channels_last), no online kNN monitor, no TensorBoard;
@@ -172,7 +172,8 @@ def run_lightly(args: argparse.Namespace) -> dict[str, Any]:
     from lightly.utils.scheduler import cosine_schedule
     from torch import nn
 
-    from sslrun.core.data.beton import BetonReader, ensure_prepared
+    from sslrun.core.data.cache import ensure_prepared
+    from sslrun.core.data.format import BetonReader
     from sslrun.core.plugins.resolve import method_class
     from sslrun.plugins.encoders.small_cnn import small_cnn
 
@@ -322,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         print_json(result)
         return 0
 
-    from sslrun.core.data.beton import ensure_prepared
+    from sslrun.core.data.cache import ensure_prepared
 
     ensure_prepared(_data_cfg(args), "train")  # prepare once, outside every timing
     if not args.skip_lightly:

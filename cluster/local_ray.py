@@ -1,6 +1,6 @@
 """Start the embedded local Ray, or connect to an existing Ray cluster, with sslrun's privacy defaults.
 
-Two rules hold whichever way Ray is reached (STACK-NOTES B5, B7):
+Two rules hold whichever way Ray is reached:
 
 * **No usage statistics unless the user opts in.** Ray posts usage data to usage-stats.ray.io about a minute
   after start-up by default; sslrun sets ``RAY_USAGE_STATS_ENABLED=0`` before Ray is imported or started,
@@ -40,12 +40,12 @@ def prepare_ray_environment(*, embedded: bool) -> None:
 
     Args:
         embedded: True when sslrun starts Ray itself on this machine. Then gloo is also told to use the loopback
-            interface (all workers are local; without it gloo resolves ``gethostname()``, which can pick an
-            address its peers cannot reach, STACK-NOTES B8).
+            interface (all workers are local; without it gloo binds to the address ``gethostname()`` resolves
+            to, which its peers may not reach: "connectFullMesh ... Connection refused", ray-project/ray#37461).
     """
     # setdefault: a user who exported RAY_USAGE_STATS_ENABLED=1 has opted in; anything else means off.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # The Ray dashboard's Train tab lists V2 runs only when this is set in the driver before fit() (B6).
+    # The Ray dashboard's Train tab lists V2 runs only when this is set in the driver before fit() (Ray's default: 0).
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     # Ray Train V2 re-routes print() in workers through a logger, and echoes it as well when stdout is wrapped,
     # so every progress line of the trainer appeared twice. Plain prints are forwarded to the driver anyway.
@@ -111,7 +111,7 @@ def connect_or_start(
         return RaySession(_gcs_address(), _dashboard_url(), started_here=False, reused=True)
     if address is None:
         ctx = ray.init(
-            address="local",  # never attach to a recorded cluster (STACK-NOTES B5)
+            address="local",  # a fresh Ray: ray.init() without an address would attach to a recorded cluster
             num_cpus=num_cpus,
             num_gpus=num_gpus,
             include_dashboard=include_dashboard,

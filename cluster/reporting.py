@@ -1,23 +1,22 @@
-"""The trainer's :class:`~sslrun.core.train.trainer.TrainHooks` for Ray Train: checkpoints -> ``ray.train.report``,
+"""The trainer's callbacks for Ray Train (:class:`RayTrainHooks`): checkpoints -> ``ray.train.report``,
 throughput -> Ray metrics, stop requests and resumes.
 
-What each hook does inside a Ray Train worker:
+What each callback event does inside a Ray Train worker:
 
 * ``on_log``: throughput goes to the Ray metrics ``sslrun_images_per_second`` (gauge) and ``sslrun_images_total``
-  (counter), tagged with the rank; Ray exports them with a ``ray_`` prefix on each node's metrics port
-  (STACK-NOTES B6). The metrics themselves are *not* sent with ``ray.train.report`` here: each report waits until
-  the Ray Train controller has taken the previous one, and the controller polls the workers every 2 s
-  (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``), so reporting every log step throttled a fast run to one log step per
-  2 s (measured: 2-step logs on CPU took 2.0 s instead of 0.06 s). Ray Train V2 keeps only the metrics attached
-  to checkpoints anyway (B3); TensorBoard and ``metrics.jsonl`` have every log step.
+  (counter), tagged with the rank; Ray exports them with a ``ray_`` prefix on each node's metrics port (see
+  docs/internals.md, section 'Custom Ray metrics'). The metrics themselves are *not* sent with
+  ``ray.train.report`` here: Ray Train V2 keeps only the metrics reported with a checkpoint, and reporting every
+  log step throttles a fast run (see docs/internals.md, section 'Ray Train V2 keeps only the metrics of
+  checkpoints'); TensorBoard and ``metrics.jsonl`` have every log step.
 * ``on_checkpoint``: ``ray.train.report(metrics, checkpoint)`` on every rank (a barrier, so every rank reports at
   the same steps, which the trainer guarantees): rank 0 hard-links (or copies) the trainer's checkpoint file into
   a fresh directory and reports it with ``Checkpoint.from_directory``; Ray persists it under
   ``storage_path/name`` and hands it back after a worker failure or to ``--resume``. Other ranks report the same
-  metrics with no checkpoint (same number of calls on every rank, B1/B2).
-* ``should_stop``: polls a stop-flag file under the Ray run directory on the run's storage (local disk, NFS,
-  S3, GCS alike), which the driver writes on SIGTERM / Ctrl-C; the trainer all-reduces the answer, writes a
-  checkpoint and returns.
+  metrics with no checkpoint (see docs/internals.md, section 'Every rank reports to Ray Train alike').
+* ``should_stop``: polls the stop flag (:class:`~sslrun.cluster.stop.StopFlag`) in the run's storage (local
+  disk, NFS, S3, GCS alike), which the driver raises on SIGTERM / Ctrl-C; the trainer all-reduces the answer,
+  writes a checkpoint and returns.
 * ``resume_from``: copies the checkpoint file out of ``ray.train.get_checkpoint()`` (its directory is read-only
   and may be remote) to a private scratch directory and returns that path.
 
@@ -34,33 +33,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sslrun.cluster.stop import StopFlag
 from sslrun.core.errors import CheckpointError
-from sslrun.core.train.trainer import TrainHooks
+from sslrun.core.train.callbacks import TrainHooks
 
-__all__ = [
-    "CHECKPOINT_FILE",
-    "CHECKPOINT_INFO_FILE",
-    "STOP_FLAG_FILE",
-    "RayTrainHooks",
-    "stop_flag_location",
-]
+__all__ = ["CHECKPOINT_FILE", "CHECKPOINT_INFO_FILE", "RayTrainHooks"]
 
 CHECKPOINT_FILE = "checkpoint.pt"  # the sslrun checkpoint inside each Ray checkpoint directory
 CHECKPOINT_INFO_FILE = "sslrun.json"  # {"step", "epoch", "metrics"}: readable without loading the weights
-STOP_FLAG_FILE = ".sslrun-stop"  # under storage_path/name; written by the driver on SIGTERM / Ctrl-C
 _STOP_POLL_S = 1.0  # the trainer polls every step; the flag may be on S3, so look at most once a second
-
-
-def stop_flag_location(storage_path: str, name: str) -> tuple[Any, str]:
-    """``(pyarrow filesystem, path)`` of the stop flag of run ``name`` under ``storage_path``.
-
-    The same function runs on the driver (to write the flag) and on every worker (to poll it), so both sides
-    agree on the place for local paths and for ``s3://`` / ``gs://`` URIs alike.
-    """
-    import pyarrow.fs
-
-    fs, root = pyarrow.fs.FileSystem.from_uri(storage_path)
-    return fs, f"{root.rstrip('/')}/{name}/{STOP_FLAG_FILE}"
 
 
 class RayTrainHooks(TrainHooks):
@@ -93,7 +74,7 @@ class RayTrainHooks(TrainHooks):
         self.first_step: int | None = None
         self.images_per_second: float | None = None
         self._scratch = Path(tempfile.mkdtemp(prefix=f"sslrun-rank{self.rank}-"))
-        self._flag_fs, self._flag_path = stop_flag_location(storage_path, name)
+        self._flag = StopFlag(storage_path, name)
         self._last_poll = 0.0
         self._stop = False
         self._first_log: tuple[int, float] | None = None
@@ -101,7 +82,7 @@ class RayTrainHooks(TrainHooks):
         self._gauge: Any = None
         self._counter: Any = None
 
-    # ---- TrainHooks --------------------------------------------------------------------------------------
+    # ---- callback events ---------------------------------------------------------------------------------
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
         """Update the throughput metrics (no ``ray.train.report``: see the module docstring)."""
         if self.first_step is None:
@@ -135,10 +116,8 @@ class RayTrainHooks(TrainHooks):
         now = time.monotonic()
         if now - self._last_poll >= _STOP_POLL_S:
             self._last_poll = now
-            import pyarrow.fs
-
             try:
-                self._stop = self._flag_fs.get_file_info(self._flag_path).type != pyarrow.fs.FileType.NotFound
+                self._stop = self._flag.is_raised()
             except OSError:
                 self._stop = False  # a storage hiccup must not stop training; the next poll looks again
         return self._stop
@@ -203,7 +182,7 @@ class RayTrainHooks(TrainHooks):
         from ray.util.metrics import Counter, Gauge
 
         if self._gauge is None:
-            # Names must match [a-zA-Z_][a-zA-Z0-9_]*: Ray drops invalid ones with only a warning (B6).
+            # Names must match [a-zA-Z_][a-zA-Z0-9_]*: Ray drops invalid ones with only a warning.
             self._gauge = Gauge(
                 "sslrun_images_per_second", description="Training images per second on this rank", tag_keys=("rank",)
             )
@@ -226,7 +205,7 @@ class RayTrainHooks(TrainHooks):
 
 
 def _floats(metrics: dict[str, Any]) -> dict[str, float]:
-    """Ray refuses tensors in metrics (B1): keep plain numbers only."""
+    """``ray.train.report`` raises ``ValueError`` on torch tensors in metrics: keep plain numbers only."""
     out: dict[str, float] = {}
     for key, value in metrics.items():
         try:

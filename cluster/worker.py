@@ -6,12 +6,13 @@ each worker discovers the plugins again and checks their distributions and versi
 any work starts. Ray Train has already created the process group (gloo on CPU, NCCL on GPU); the trainer uses it,
 builds its FFCV loader in distributed mode and writes TensorBoard on rank 0 only.
 
-Every path in the config is absolute by the time it gets here: Ray changes the worker's working directory to
-its own session folder (STACK-NOTES B1).
+Every path in the config is absolute by the time it gets here: Ray Train changes each worker's working directory to
+its own session folder (``<ray temp dir>/session_*/artifacts/<name>``).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -22,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from sslrun.core.config import ExperimentConfig
+from sslrun.core.errors import ConfigError
 from sslrun.core.files import atomic_write_text
 from sslrun.core.plugins.resolve import check_plugin_versions
 
-__all__ = ["TrainFn", "WORKERS_DIR", "train_loop_per_worker"]
+__all__ = ["WORKERS_DIR", "TrainFn", "resolve_train_fn", "train_loop_per_worker"]
 
 WORKERS_DIR = "workers"  # OUTPUT/workers/rank<r>.json: pid, node and attempt start of each rank
 TrainFn = Callable[..., Any]  # (cfg, hooks, device) -> TrainResult, i.e. sslrun.core.train.trainer.train
@@ -35,9 +37,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train's per-worker entry point.
 
     Args:
-        config: ``{"experiment": cfg.to_dict(), "storage_path": str, "name": str}`` from the launcher, plus
-            ``"train_fn"`` when the launcher's caller passed one: a wrapper around the real trainer that
-            instruments it (the tests tap the loader this way); otherwise :func:`sslrun.core.train.trainer.train`.
+        config: ``{"experiment": cfg.to_dict(), "storage_path": str, "name": str, "train_fn": str | None}`` from
+            the launcher, plain data only; ``train_fn`` names what to run (see :func:`resolve_train_fn`).
 
     Returns:
         Plain data about the run (Ray hands rank 0's value to the driver as ``Result.return_value``).
@@ -64,9 +65,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         global_batch=cfg.data.batch_size,
         events=output / "launch.jsonl",
     )
-    train_fn: TrainFn | None = config.get("train_fn")
-    if train_fn is None:
-        from sslrun.core.train.trainer import train as train_fn
+    train_fn = resolve_train_fn(config.get("train_fn"))
     try:
         result = train_fn(cfg, hooks, ray.train.torch.get_device())
     finally:
@@ -84,6 +83,32 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         "first_step": hooks.first_step,
         "images_per_second": hooks.images_per_second,
     }
+
+
+def resolve_train_fn(path: str | None) -> TrainFn:
+    """The function a worker trains with: :func:`sslrun.core.train.trainer.train`, or the one ``path`` names.
+
+    Args:
+        path: ``"package.module:function"``, importable on every node, with the trainer's signature
+            ``(cfg, hooks, device) -> TrainResult`` (a wrapper that instruments the real trainer); None = the trainer.
+
+    Raises:
+        ConfigError: ``path`` is malformed or does not import, in one line.
+    """
+    if path is None:
+        from sslrun.core.train.trainer import train
+
+        return train
+    module, sep, attr = path.partition(":")
+    if not (module and sep and attr):
+        raise ConfigError(f"train function {path!r} is not 'package.module:function'")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"train function {path!r} cannot be imported: {exc}") from exc
+    if not callable(fn):
+        raise ConfigError(f"train function {path!r} is not callable")
+    return fn
 
 
 def _record_worker(path: Path, rank: int, world_size: int) -> None:

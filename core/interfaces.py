@@ -1,7 +1,8 @@
-"""The four plugin interfaces: Method, Encoder, PretextTask, Dataset (see docs/plugins.md).
+"""The plugin interfaces: Method, Encoder, Dataset (see docs/plugins.md).
 
-A plugin is found through an entry point (``sslrun.methods``, ``sslrun.encoders``, ``sslrun.pretexts``,
-``sslrun.datasets``) and validated against the interface of its kind right after it is imported
+Pretext tasks are Methods too: they subclass :class:`sslrun.core.pretext.PretextMethod`. A plugin is found through
+an entry point (``sslrun.methods``, ``sslrun.encoders``, ``sslrun.pretexts``, ``sslrun.datasets``), whose name is
+the plugin's only name, and validated against the interface of its kind right after it is imported
 (:mod:`sslrun.core.plugins.registry`). Hyperparameters live in a per-plugin ``Config`` dataclass whose defaults are the
 paper's; the experiment config carries them as plain ``kwargs`` and they are checked against that dataclass
 on the driver, before anything runs.
@@ -25,7 +26,6 @@ __all__ = [
     "Encoder",
     "EncoderFactory",
     "Method",
-    "PretextTask",
     "SetupContext",
     "ViewSpec",
 ]
@@ -116,7 +116,7 @@ class Method(nn.Module, ABC):
     """A self-supervised method: views in, a dict with ``"loss"`` and logged terms out.
 
     The trainer knows nothing method-specific. It wraps the method in DDP and calls ``forward(views)`` each step,
-    then ``on_after_step`` (EMA teacher updates, queues). Subclasses set ``name``, ``Config`` (a dataclass of
+    then ``on_after_step`` (EMA teacher updates, queues). Subclasses set ``Config`` (a dataclass of
     hyperparameters with the paper's defaults) and implement ``view_specs`` and ``forward``.
 
     Args:
@@ -125,6 +125,8 @@ class Method(nn.Module, ABC):
         cfg: an instance of ``Config``.
     """
 
+    #: The entry-point name, set by the registry when it loads the class (the entry point is the one place a
+    #: plugin's name is written); empty on a class that was not loaded through it.
     name: ClassVar[str] = ""
     Config: ClassVar[type] = object
     #: True for methods whose augmentations or targets need colour; refused on grayscale datasets.
@@ -197,89 +199,6 @@ class Method(nn.Module, ABC):
         self.norm_std = tuple(float(s) for s in std)
 
 
-class PretextTask(ABC):
-    """A classic pretext task: the label is made from the image itself.
-
-    Core wraps a task as a Method (:mod:`sslrun.core.plugins.pretext`), so ``--method rotation`` runs through the same
-    trainer and launcher. Subclasses set ``name`` and ``Config`` and implement the four methods below.
-    """
-
-    name: ClassVar[str] = ""
-    Config: ClassVar[type] = object
-    #: True for tasks that predict colour (colorization); refused on grayscale datasets.
-    requires_color: ClassVar[bool] = False
-
-    def __init__(self, cfg: Any) -> None:
-        self.cfg = cfg
-
-    def view_spec(self, image_size: int) -> ViewSpec:
-        """The (light) augmentation applied before ``make_inputs``: crop + flip, no colour changes."""
-        return ViewSpec(size=image_size, scale=(0.5, 1.0), jitter_p=0.0, grayscale_p=0.0)
-
-    @abstractmethod
-    def make_inputs(
-        self, images: torch.Tensor, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batched on the device: ``images (N, 3, H, W)`` -> ``(inputs, targets)``."""
-
-    @abstractmethod
-    def head(self, in_dim: int, image_size: int) -> nn.Module:
-        """The prediction head on top of the encoder's ``(N, in_dim)`` features."""
-
-    @abstractmethod
-    def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Scalar loss of the head's prediction against the target made by ``make_inputs``."""
-
-    # ---- optional extensions (defaults keep a task that implements only the four methods above working) ----
-    #: per-channel mean/std of the normalised images ``make_inputs`` receives (identity until set)
-    norm_mean: tuple[float, ...] = (0.0, 0.0, 0.0)
-    norm_std: tuple[float, ...] = (1.0, 1.0, 1.0)
-
-    def set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        """Record how the images were normalised (forwarded from :meth:`Method.set_normalization`)."""
-        self.norm_mean = tuple(float(m) for m in mean)
-        self.norm_std = tuple(float(s) for s in std)
-
-    def denormalize(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised ``(N, 3, H, W)`` -> pixel values in 0..1 units (not clamped)."""
-        mean = torch.tensor(self.norm_mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(self.norm_std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
-        return images * std + mean
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """Pixel values in 0..1 -> the normalised space the encoder is trained in."""
-        mean = torch.tensor(self.norm_mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(self.norm_std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
-        return (images - mean) / std
-
-    def setup(self, encoder: nn.Module, image_size: int) -> None:
-        """Called once with the encoder before :meth:`head`: check that the task can use it (MAE refuses a
-        non-ViT with a :class:`~sslrun.core.errors.ConfigError`) and read its geometry. No-op by default."""
-        del encoder, image_size  # nothing to check for tasks that only need ``encoder(inputs)``
-
-    def predict(
-        self, encoder: nn.Module, head: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(prediction, loss target)`` for one batch; the loss is ``loss(prediction, loss target)``.
-
-        The default is ``(head(encoder(inputs)), targets)``. Override it when the task must drive the encoder
-        itself: MAE runs the ViT blocks on the visible patches only, jigsaw encodes each tile separately.
-        """
-        return head(encoder(inputs)), targets
-
-    def metrics(self, pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Extra scalar terms to log (e.g. ``{"acc": ...}`` for classification tasks). Empty by default."""
-        return {}
-
-    def visuals(
-        self, images: torch.Tensor, inputs: torch.Tensor, pred: torch.Tensor, targets: torch.Tensor
-    ) -> dict[str, torch.Tensor] | None:
-        """TensorBoard images for a few samples of the last step: ``{"input", "prediction", "target"}`` as
-        ``(n, 3, H, W)`` in [0, 1]. ``images`` are the views, ``inputs``/``targets`` what :meth:`make_inputs` made
-        of them, ``pred`` the first output of :meth:`predict`. None (nothing to show) by default."""
-        return None
-
-
 @dataclass(frozen=True)
 class DatasetInfo:
     """What the data pipeline needs to know about a prepared split."""
@@ -294,10 +213,12 @@ class Dataset(ABC):
     ``.beton`` from it (fields ``image``: RGB uint8 HxWx3 — grayscale replicated to 3 channels — and ``label``:
     int, -1 where a split has no labels), with a manifest, a progress bar and an atomic rename.
 
-    Subclasses set ``name``, ``Config`` (a dataclass with at least ``root: str | None``), ``splits`` and
+    Subclasses set ``Config`` (a dataclass with at least ``root: str | None``), ``splits`` and
     ``eval_splits``, and implement :meth:`info` and :meth:`open_split`.
     """
 
+    #: The entry-point name, set by the registry when it loads the class (the entry point is the one place a
+    #: plugin's name is written); empty on a class that was not loaded through it.
     name: ClassVar[str] = ""
     Config: ClassVar[type] = object
     #: Split names this dataset provides; the first is used for pretraining.

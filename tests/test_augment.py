@@ -13,12 +13,12 @@ from sslrun.core.data.augment import (
     ColorAugment,
     Normalize,
     adjust_hue,
-    batch_seed,
     blur_kernel_size,
     gaussian_blur,
     grayscale,
 )
 from sslrun.core.interfaces import ViewSpec
+from sslrun.core.rng import batch_seed
 
 _JITTER_FNS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
 

@@ -1,5 +1,6 @@
-"""core.beton: writing (in-process and forked writers), the manifest, verification of broken files, the cache, and
-the `sslrun data prepare|inspect` commands. Files are real .beton files read back with FFCV's own Loader or the
+"""Prepared .beton files (sslrun.core.data's writer, manifest, format and cache modules): writing (in-process and
+forked writers), the manifest, verification of broken files, the cache, and the `sslrun data prepare|inspect`
+commands. Files are real .beton files read back with FFCV's own Loader or the
 numpy reader."""
 
 from __future__ import annotations
@@ -15,9 +16,14 @@ from typer.testing import CliRunner
 
 from sslrun.cli import app
 from sslrun.core.config import DataCfg
-from sslrun.core.data import beton
+from sslrun.core.data import cache as beton_cache
+from sslrun.core.data import format as layout
+from sslrun.core.data.cache import ensure_prepared
+from sslrun.core.data.format import BetonReader, verify_beton
+from sslrun.core.data.manifest import Manifest, manifest_path
+from sslrun.core.data.writer import write_beton
 from sslrun.core.errors import ConfigError, DataError
-from sslrun.plugins.datasets import _common
+from sslrun.plugins.common import readers as _common
 
 
 @pytest.fixture(autouse=True)
@@ -37,9 +43,9 @@ def make_samples(n: int = 50, seed: int = 0, sizes: list[tuple[int, int]] | None
     ]
 
 
-def write(samples: list, path: Path, **kw: object) -> beton.Manifest:
+def write(samples: list, path: Path, **kw: object) -> Manifest:
     args = {"dataset": "toy", "split": "train", "num_classes": 5, "grayscale": False, "progress": False, **kw}
-    return beton.write_beton(samples, path, **args)
+    return write_beton(samples, path, **args)
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +60,13 @@ def test_header_dtypes_match_ffcv() -> None:
     from ffcv import types
     from ffcv.fields import IntField, RGBImageField
 
-    assert types.HeaderType == beton._HEADER
-    assert types.FieldDescType == beton._FIELD_DESC
-    assert beton._ALLOC == types.ALLOC_TABLE_TYPE
+    assert types.HeaderType == layout._HEADER
+    assert types.FieldDescType == layout._FIELD_DESC
+    assert layout._ALLOC == types.ALLOC_TABLE_TYPE
     theirs = types.get_metadata_type([RGBImageField(), IntField()])
-    assert beton._SAMPLE_META.itemsize == theirs.itemsize
-    assert [beton._SAMPLE_META.fields[n][1] for n in ("image", "label")] == [theirs.fields[n][1] for n in theirs.names]
-    assert {v.__name__ for v in types.TYPE_ID_HANDLER.values() if v} <= set(beton._TYPE_NAMES.values())
+    assert layout._SAMPLE_META.itemsize == theirs.itemsize
+    assert [layout._SAMPLE_META.fields[n][1] for n in ("image", "label")] == [theirs.fields[n][1] for n in theirs.names]
+    assert {v.__name__ for v in types.TYPE_ID_HANDLER.values() if v} <= set(layout._TYPE_NAMES.values())
 
 
 def test_roundtrip_through_the_ffcv_loader(toy: tuple[Path, list]) -> None:
@@ -89,7 +95,7 @@ def test_roundtrip_through_the_ffcv_loader(toy: tuple[Path, list]) -> None:
 
 def test_manifest_records_statistics(toy: tuple[Path, list]) -> None:
     path, samples = toy
-    m = beton.verify_beton(path)
+    m = verify_beton(path)
     pixels = np.stack([s[0] for s in samples]).reshape(-1, 3) / 255.0
     assert m.mean == pytest.approx(pixels.mean(0).tolist(), abs=1e-5)
     assert m.std == pytest.approx(pixels.std(0).tolist(), abs=1e-5)
@@ -97,7 +103,7 @@ def test_manifest_records_statistics(toy: tuple[Path, list]) -> None:
     assert m.label_histogram == dict(zip(labels.tolist(), counts.tolist(), strict=True))
     assert m.num_samples == 50 and m.image_size == [16, 16] and m.bytes == path.stat().st_size
     assert m.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
-    on_disk = json.loads(beton.manifest_path(path).read_text())
+    on_disk = json.loads(manifest_path(path).read_text())
     assert on_disk["format"] == "sslrun-beton/1" and on_disk["fields"] == [
         ["image", "RGBImageField"],
         ["label", "IntField"],
@@ -109,14 +115,14 @@ def test_variable_sizes_raw_exact_and_jpg_close(tmp_path: Path) -> None:
     samples = make_samples(12, sizes=[(20, 30), (31, 17), (8, 8)])
     m = write(samples, tmp_path / "raw.beton")
     assert m.image_size == [31, 30]
-    r = beton.BetonReader(tmp_path / "raw.beton")
+    r = BetonReader(tmp_path / "raw.beton")
     assert [r[i][0].shape for i in range(3)] == [(20, 30, 3), (31, 17, 3), (8, 8, 3)]
     for i, (img, label) in enumerate(samples):
         np.testing.assert_array_equal(r[i][0], img)
         assert r[i][1] == label
     smooth = [(np.broadcast_to(np.linspace(0, 255, 32, dtype=np.uint8)[None, :, None], (32, 32, 3)).copy(), 1)] * 4
     write(smooth, tmp_path / "j.beton", fmt="jpg")
-    rj = beton.BetonReader(tmp_path / "j.beton")
+    rj = BetonReader(tmp_path / "j.beton")
     assert rj.manifest.image_format == "jpg"
     assert np.abs(rj[2][0].astype(int) - smooth[0][0]).mean() < 3
 
@@ -124,9 +130,9 @@ def test_variable_sizes_raw_exact_and_jpg_close(tmp_path: Path) -> None:
 def test_forked_writers_give_the_same_data(tmp_path: Path, toy: tuple[Path, list]) -> None:
     path, samples = toy
     m2 = write(samples, tmp_path / "two.beton", num_workers=2)
-    m1 = beton.verify_beton(path)
+    m1 = verify_beton(path)
     assert (m2.mean, m2.std, m2.label_histogram) == (m1.mean, m1.std, m1.label_histogram)
-    r1, r2 = beton.BetonReader(path), beton.BetonReader(tmp_path / "two.beton")
+    r1, r2 = BetonReader(path), BetonReader(tmp_path / "two.beton")
     for i in range(len(samples)):
         np.testing.assert_array_equal(r1[i][0], r2[i][0])
         assert r1[i][1] == r2[i][1]
@@ -198,13 +204,13 @@ def copy_of(toy: tuple[Path, list], tmp_path: Path, manifest: bool = True) -> Pa
     path = tmp_path / "c.beton"
     path.write_bytes(toy[0].read_bytes())
     if manifest:
-        beton.manifest_path(path).write_text(beton.manifest_path(toy[0]).read_text())
+        manifest_path(path).write_text(manifest_path(toy[0]).read_text())
     return path
 
 
 def one_line_error(path: Path, pattern: str) -> str:
     with pytest.raises(DataError, match=pattern) as err:
-        beton.verify_beton(path)
+        verify_beton(path)
     msg = str(err.value)
     assert "\n" not in msg and str(path) in msg
     return msg
@@ -224,9 +230,9 @@ def test_verify_missing_garbage_and_empty(tmp_path: Path) -> None:
 
 def test_verify_truncated_and_corrupted(tmp_path: Path, toy: tuple[Path, list]) -> None:
     path = copy_of(toy, tmp_path)
-    beton.verify_beton(path)
+    verify_beton(path)
     data = path.read_bytes()
-    path.write_bytes(data[: len(data) - 4096])  # tail-truncated: FFCV would iterate it silently (A3n)
+    path.write_bytes(data[: len(data) - 4096])  # tail-truncated: FFCV would iterate it silently
     msg = one_line_error(path, "truncated")
     assert "sslrun data prepare toy --split train" in msg
     flipped = bytearray(data)
@@ -238,11 +244,11 @@ def test_verify_truncated_and_corrupted(tmp_path: Path, toy: tuple[Path, list]) 
 def test_verify_manifest_problems(tmp_path: Path, toy: tuple[Path, list]) -> None:
     path = copy_of(toy, tmp_path, manifest=False)
     one_line_error(path, "no manifest")
-    beton.manifest_path(path).write_text("{not json")
+    manifest_path(path).write_text("{not json")
     one_line_error(path, "not a valid sslrun manifest")
-    m = json.loads(beton.manifest_path(toy[0]).read_text())
+    m = json.loads(manifest_path(toy[0]).read_text())
     m["num_samples"] = 49
-    beton.manifest_path(path).write_text(json.dumps(m))
+    manifest_path(path).write_text(json.dumps(m))
     one_line_error(path, "holds 50 samples but its manifest says 49")
 
 
@@ -254,9 +260,9 @@ def test_verify_wrong_fields(tmp_path: Path, toy: tuple[Path, list]) -> None:
     writer = DatasetWriter(str(path), {"img": RGBImageField(), "target": IntField()}, page_size=1 << 21, num_workers=1)
     writer.from_indexed_dataset(toy[1])
     # even with an otherwise valid manifest, the layout is refused
-    m = json.loads(beton.manifest_path(toy[0]).read_text())
+    m = json.loads(manifest_path(toy[0]).read_text())
     m.update(bytes=path.stat().st_size, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
-    beton.manifest_path(path).write_text(json.dumps(m))
+    manifest_path(path).write_text(json.dumps(m))
     msg = one_line_error(path, "has fields img \\(RGBImageField\\), target \\(IntField\\)")
     assert "image (RGBImageField) and label (IntField)" in msg
 
@@ -264,13 +270,13 @@ def test_verify_wrong_fields(tmp_path: Path, toy: tuple[Path, list]) -> None:
 def test_verify_is_cached_until_the_file_changes(tmp_path: Path, toy: tuple[Path, list], monkeypatch) -> None:
     path = copy_of(toy, tmp_path)
     calls = []
-    real = beton._sha256_file
-    monkeypatch.setattr(beton, "_sha256_file", lambda p: calls.append(p) or real(p))
-    beton.verify_beton(path)
-    beton.verify_beton(path)
+    real = layout._sha256_file
+    monkeypatch.setattr(layout, "_sha256_file", lambda p: calls.append(p) or real(p))
+    verify_beton(path)
+    verify_beton(path)
     assert len(calls) == 1
     os.utime(path, ns=(1, 1))  # a new mtime: verified again
-    beton.verify_beton(path)
+    verify_beton(path)
     assert len(calls) == 2
 
 
@@ -282,36 +288,36 @@ def synthetic_cfg(tmp_path: Path, **kw: object) -> DataCfg:
 
 def test_ensure_prepared_caches_and_reuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = synthetic_cfg(tmp_path)
-    path = beton.ensure_prepared(cfg, progress=False)
+    path = ensure_prepared(cfg, progress=False)
     assert path == tmp_path / "cache" / "synthetic" / "train.beton"
     mtime = path.stat().st_mtime_ns
-    beton._VERIFIED.clear()  # also reused by a fresh process: verification from disk
+    layout._VERIFIED.clear()  # also reused by a fresh process: verification from disk
 
     def no_write(*a: object, **k: object) -> None:
         raise AssertionError("a cached split was written again")
 
-    monkeypatch.setattr(beton, "write_beton", no_write)
-    assert beton.ensure_prepared(cfg, "train", progress=False) == path
+    monkeypatch.setattr(beton_cache, "write_beton", no_write)
+    assert ensure_prepared(cfg, "train", progress=False) == path
     assert path.stat().st_mtime_ns == mtime
     monkeypatch.undo()
     with pytest.raises(ConfigError, match="no split 'val'; splits: train, test"):
-        beton.ensure_prepared(cfg, "val", progress=False)
+        ensure_prepared(cfg, "val", progress=False)
 
 
 def test_ensure_prepared_reprepares_on_changed_settings_or_damage(tmp_path: Path) -> None:
-    path = beton.ensure_prepared(synthetic_cfg(tmp_path), progress=False)
+    path = ensure_prepared(synthetic_cfg(tmp_path), progress=False)
     first = path.read_bytes()
-    path2 = beton.ensure_prepared(synthetic_cfg(tmp_path, size=24), progress=False)  # other settings
-    assert path2 == path and beton.verify_beton(path).image_size == [24, 24]
+    path2 = ensure_prepared(synthetic_cfg(tmp_path, size=24), progress=False)  # other settings
+    assert path2 == path and verify_beton(path).image_size == [24, 24]
     jpg = synthetic_cfg(tmp_path, size=24)
     jpg.format = "jpg"
-    beton.ensure_prepared(jpg, progress=False)
-    assert beton.verify_beton(path).image_format == "jpg"
+    ensure_prepared(jpg, progress=False)
+    assert verify_beton(path).image_format == "jpg"
     cfg = synthetic_cfg(tmp_path)
-    beton.ensure_prepared(cfg, progress=False)
+    ensure_prepared(cfg, progress=False)
     path.write_bytes(path.read_bytes()[:-1000])  # damaged cache
     with pytest.warns(UserWarning, match="unusable"):
-        beton.ensure_prepared(cfg, progress=False)
+        ensure_prepared(cfg, progress=False)
     assert path.read_bytes() == first  # deterministic data: the same file again
 
 
@@ -338,7 +344,7 @@ def test_cli_prepare_and_inspect(tmp_path: Path) -> None:
     assert runner.invoke(app, args).output.count("cached, verified") == 2
     out = tmp_path / "t.beton"
     res = runner.invoke(app, [*args, "--split", "test", "--output", str(out), "--format", "jpg"])
-    assert res.exit_code == 0 and beton.verify_beton(out).image_format == "jpg"
+    assert res.exit_code == 0 and verify_beton(out).image_format == "jpg"
 
     grid = tmp_path / "g" / "grid.png"
     res = runner.invoke(app, ["data", "inspect", str(cache / "synthetic" / "train.beton"), "--grid", str(grid)])
@@ -371,7 +377,7 @@ def test_cli_prepare_own_images_names_skipped_files(tmp_path: Path) -> None:
     assert "warning: skipped 1 unreadable image(s)" in res.output and "broken.jpg" in res.output
     assert "imagefolder/train: 2 samples, 32x32" in res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.beton", "mine.beton.json", "photos"]
-    assert beton.BetonReader(out).labels.tolist() == [-1, -1]
+    assert BetonReader(out).labels.tolist() == [-1, -1]
 
 
 def test_cli_errors_are_one_line(tmp_path: Path) -> None:
@@ -393,7 +399,7 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_cli_inspect_views_grid(tmp_path: Path) -> None:
     """The augmented views of a method, from the training loader (pays one FFCV JIT)."""
-    path = beton.ensure_prepared(synthetic_cfg(tmp_path, size=32), progress=False)
+    path = ensure_prepared(synthetic_cfg(tmp_path, size=32), progress=False)
     out = tmp_path / "views.png"
     res = runner.invoke(app, ["data", "inspect", str(path), "--views", "simclr", "--views-out", str(out), "--n", "32"])
     assert res.exit_code == 0, res.output

@@ -62,9 +62,9 @@ def test_config_show_prints_resolved_toml(tmp_path: Path) -> None:
 
 
 def test_unknown_plugin_name_exits_nonzero_with_valid_names() -> None:
-    res = runner.invoke(app, ["config", "show", "--method", "mocov3"])
+    res = runner.invoke(app, ["config", "show", "--method", "mocov9"])
     assert res.exit_code == 2
-    assert res.output.startswith("error: unknown method 'mocov3'; methods: ")
+    assert res.output.startswith("error: unknown method 'mocov9'; methods: ")
     assert "simclr" in res.output and "rotation" in res.output
     assert "Traceback" not in res.output
 

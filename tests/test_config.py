@@ -125,9 +125,9 @@ def test_encoder_kwargs_are_checked_against_the_factory_signature() -> None:
 
 def test_unknown_plugin_names_list_the_valid_ones() -> None:
     with pytest.raises(
-        UnknownPluginError, match="unknown method 'mocov3'; methods: .*simclr.*; pretext tasks: .*rotation"
+        UnknownPluginError, match="unknown method 'mocov9'; methods: .*simclr.*; pretext tasks: .*rotation"
     ):
-        validate_plugins(build_config(None, {"method.name": "mocov3"}))
+        validate_plugins(build_config(None, {"method.name": "mocov9"}))
     with pytest.raises(UnknownPluginError, match="unknown encoder 'vgg'; available: .*small_cnn"):
         validate_plugins(build_config(None, {"encoder.name": "vgg"}))
     with pytest.raises(UnknownPluginError, match="unknown dataset 'imagenet'; available: .*fashion-mnist"):

@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 
 from sslrun.core.config import DataCfg
-from sslrun.core.data import beton
+from sslrun.core.data.cache import ensure_prepared, prepare_dataset
+from sslrun.core.data.format import BetonReader, verify_beton
 from sslrun.core.errors import ConfigError, DataError
 from sslrun.core.plugins.registry import get_registry
-from sslrun.plugins.datasets import _common
+from sslrun.plugins.common import readers as _common
 from sslrun.plugins.datasets.cifar import CIFAR10
 from sslrun.plugins.datasets.fashion_mnist import FashionMNIST
 from sslrun.plugins.datasets.imagefolder import ImageFolder, SkippedImagesWarning, load_square
@@ -43,12 +44,12 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Path]]:
     return calls
 
 
-def prepare(tmp_path: Path, dataset: str, split: str | None = None, **kwargs: object) -> beton.BetonReader:
+def prepare(tmp_path: Path, dataset: str, split: str | None = None, **kwargs: object) -> BetonReader:
     cfg = DataCfg(dataset=dataset, dataset_kwargs=dict(kwargs), data_dir=str(tmp_path / "cache"))
-    return beton.BetonReader(beton.ensure_prepared(cfg, split, progress=False))
+    return BetonReader(ensure_prepared(cfg, split, progress=False))
 
 
-def read_all(reader: beton.BetonReader) -> tuple[np.ndarray, np.ndarray]:
+def read_all(reader: BetonReader) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([reader[i][0] for i in range(len(reader))]), reader.labels
 
 
@@ -258,7 +259,7 @@ def test_missing_raw_files_offline_names_what_to_put_where(
     root = tmp_path / "empty"
     cfg = DataCfg(dataset=name, root=str(root), data_dir=str(tmp_path / "cache"))
     with pytest.raises(DataError) as err:
-        beton.ensure_prepared(cfg, "test", progress=False)
+        ensure_prepared(cfg, "test", progress=False)
     msg = str(err.value)
     assert "\n" not in msg and "download failed" in msg and "Network is unreachable" in msg
     assert files in msg and str(root / layout if layout else root) in msg
@@ -333,9 +334,9 @@ def test_imagefolder_flat_folder_is_unlabelled(tmp_path: Path) -> None:
     assert ds.eval_splits is None and ImageFolder.eval_splits == ("train", "test")  # the trainer skips kNN
     cfg = DataCfg(dataset="imagefolder", root=str(tmp_path / "mine"), dataset_kwargs={"size": 16},
                   data_dir=str(tmp_path / "cache"))  # fmt: skip
-    done = beton.prepare_dataset(cfg, progress=False)  # unlabelled: only the pretraining split
+    done = prepare_dataset(cfg, progress=False)  # unlabelled: only the pretraining split
     assert [s for s, *_ in done] == ["train"]
-    r = beton.BetonReader(done[0][1])
+    r = BetonReader(done[0][1])
     assert r.labels.tolist() == [-1] * 4 and r.manifest.label_histogram == {-1: 4}
     assert r.manifest.image_size == [16, 16] and r.manifest.num_classes is None
     with pytest.raises(DataError, match="no test split"):
@@ -420,11 +421,11 @@ def test_imagefolder_size_change_reprepares(tmp_path: Path) -> None:
         save_image(tmp_path / "flat" / f"{k}.png", np.full((40, 40, 3), k, np.uint8))
     cfg = DataCfg(dataset="imagefolder", root=str(tmp_path / "flat"), dataset_kwargs={"size": 16},
                   data_dir=str(tmp_path / "cache"))  # fmt: skip
-    path = beton.ensure_prepared(cfg, progress=False)
-    assert beton.verify_beton(path).image_size == [16, 16]
+    path = ensure_prepared(cfg, progress=False)
+    assert verify_beton(path).image_size == [16, 16]
     cfg.dataset_kwargs = {"size": 24}
-    assert beton.ensure_prepared(cfg, progress=False) == path
-    m = beton.verify_beton(path)
+    assert ensure_prepared(cfg, progress=False) == path
+    m = verify_beton(path)
     assert m.image_size == [24, 24] and m.dataset_config["size"] == 24
 
 

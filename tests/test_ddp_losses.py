@@ -10,10 +10,13 @@ the method in real ``DistributedDataParallel`` and run two optimiser steps (forw
 * the whole ``state_dict`` after the second ``on_after_step`` (teachers, queue, centre, step counters).
 
 This is what makes SimCLR's cross-rank negatives, Barlow Twins' and VICReg's global-batch statistics, DINO's
-all-reduced centre and MoCo's gathered queue / shuffled keys provably right (USERS.md #4). The model has no
-BatchNorm in the encoder and the heads' BatchNorms are in eval mode (STACK-NOTES C3: per-rank batch statistics
-would otherwise differ legitimately). float64 everywhere, so 1e-5 tolerances test logic, not rounding. Every
-method runs inside ONE spawned job so the process start-up is paid once.
+all-reduced centre, MoCo v2's gathered queue / shuffled keys, MoCo v3's keys gathered with rank-offset labels,
+NNCLR's gathered predictions and support set, SwAV's Sinkhorn over the global batch (all-reduced sums) with its
+prototype freeze (step 0) and queue (filled at step 0, part of the Sinkhorn problem at step 1), and I-JEPA's masks
+drawn once for the global batch and split by rank provably right. The model has no BatchNorm in the
+encoder and the heads' BatchNorms are in eval mode: on CPU/gloo, DDP cannot use SyncBatchNorm (it only works with
+GPU modules), so per-rank batch statistics would otherwise differ legitimately. float64 everywhere, so 1e-5
+tolerances test logic, not rounding. Every method runs inside ONE spawned job so the process start-up is paid once.
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_methods import TinyEncoder, build_method, make_views, momentum_now
+from test_methods import VIT_ONLY, TinyEncoder, build_method, make_views, momentum_now
 
+from sslrun.core.interfaces import Method, SetupContext
 from sslrun.core.plugins.registry import get_registry
+from sslrun.plugins.encoders.vit import vit_tiny
 
 pytestmark = pytest.mark.slow
 
@@ -37,12 +42,27 @@ WORLD = 2
 GLOBAL_BATCH = 8
 STEPS = 2
 TOL = 1e-5
+#: Settings under which two steps reach each method's cross-rank state: SwAV's queue fills at step 0 and is full
+#: (so part of Sinkhorn) at step 1; NNCLR's support set wraps around.
+DDP_KWARGS: dict[str, dict[str, Any]] = {
+    "swav": {"queue_length": GLOBAL_BATCH, "queue_start_steps": 0},
+    "nnclr": {"queue_size": 12},
+}
+
+
+def _build(name: str) -> Method:
+    """``name`` with small heads on a BatchNorm-free encoder (a one-block ViT where the method needs one), set up
+    with one step per epoch, so epoch-based phases such as SwAV's prototype freeze cover step 0."""
+    encoder = vit_tiny(image_size=28, depth=1) if name in VIT_ONLY else TinyEncoder(16)
+    method = build_method(name, encoder, **DDP_KWARGS.get(name, {}))
+    method.setup(SetupContext(image_size=28, steps_per_epoch=1, total_steps=STEPS))
+    return method
 
 
 def _run(name: str, rank: int, world: int) -> dict[str, Any]:
     """Two training steps of ``name`` on this rank's shard of the fixed global batch."""
     torch.manual_seed(0)  # identical initial weights, queue and teacher on every rank and in the reference
-    method = build_method(name, TinyEncoder(16)).double()
+    method = _build(name).double()
     method.eval()  # heads' BatchNorm use running statistics: the same function on any batch split
     model: torch.nn.Module = method
     if world > 1:
@@ -124,3 +144,20 @@ def test_cross_rank_negatives_change_the_simclr_loss() -> None:
     full = float(nt_xent_loss(z, w))
     halves = sum(float(nt_xent_loss(z[i : i + 4], w[i : i + 4])) for i in (0, 4)) / 2
     assert abs(full - halves) > 1e-3
+
+
+def test_the_swav_queue_and_freeze_are_exercised() -> None:
+    """Guard the guard: in the set-up above SwAV's prototypes get no gradient at step 0 and its queue joins the
+    Sinkhorn problem at step 1."""
+    torch.manual_seed(0)
+    method = _build("swav")
+    used, proto_grads = [], []
+    for step in range(STEPS):
+        out = method(make_views(method, GLOBAL_BATCH, image_size=28, seed=100 + step))
+        method.zero_grad()
+        out["loss"].backward()
+        used.append(float(out["queue_used"]))
+        proto_grads.append(float(method.prototypes.weight.grad.abs().sum()))
+        method.on_after_step(step, None)
+    assert used == [0.0, 1.0]
+    assert proto_grads[0] == 0.0 and proto_grads[1] > 0

@@ -254,7 +254,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.mark.slow
 def test_knn_and_linear_from_a_trainer_checkpoint(trained: dict[str, Path]) -> None:
-    from sslrun.core.data.beton import BetonReader
+    from sslrun.core.data.format import BetonReader
     from sslrun.core.eval.evaluate import EvalOptions, evaluate
     from sslrun.core.eval.features import cached_features, load_pretrained
     from sslrun.core.eval.finetune import read_labels

@@ -29,8 +29,10 @@ import yaml
 from typer.main import get_command
 from typer.testing import CliRunner
 
-from sslrun.cli import app, experiment_from_cli
-from sslrun.cluster.launcher import LaunchPlan, launch, plan_launch, resource_shortfall
+from sslrun.cli import app
+from sslrun.cli.common import experiment_from_cli
+from sslrun.cluster.launcher import launch
+from sslrun.cluster.plan import LaunchPlan, plan_launch, resource_shortfall
 from sslrun.core.config import ExperimentConfig
 from sslrun.core.errors import ConfigError
 
@@ -78,7 +80,8 @@ def _losses(output: Path) -> dict[int, float]:
 
 
 def _committed_steps(run_dir: Path) -> list[int]:
-    """Steps of the checkpoints Ray has committed (its snapshot), not directories that merely exist (B4)."""
+    """Steps of the checkpoints Ray has committed (its snapshot), not directories that merely exist (a checkpoint
+    directory appears before Ray commits its report)."""
     snap = run_dir / "checkpoint_manager_snapshot.json"
     try:
         data = json.loads(snap.read_text())
@@ -102,7 +105,7 @@ def test_embedded_default_is_two_cpu_workers_with_one_loader_thread_each(tmp_pat
     plan = _plan(_cfg(tmp_path / "demo", batch_size=256))
     assert (plan.num_workers, plan.use_gpu, plan.placement_strategy) == (2, False, "PACK")
     assert plan.resources_per_worker == {"CPU": 1.0}
-    assert plan.loader_threads == 1  # 2 cores shared by 2 workers (STACK-NOTES A3b)
+    assert plan.loader_threads == 1  # 2 cores shared by 2 workers: more FFCV threads would oversubscribe them
     assert plan.storage_path == str((tmp_path / "demo" / "ray").resolve()) and plan.name == "demo"
     # a bigger machine gives each worker more loader threads, up to data.num_workers
     assert _plan(_cfg(tmp_path / "demo"), cpus=16).loader_threads == 2
@@ -278,7 +281,9 @@ def _stop_process_tree(proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="module", autouse=True)
 def _token_auth() -> Iterator[None]:
     """Ray 2.60 clusters use token authentication (the token in ~/.ray/auth_token); a driver that connects to an
-    explicit address sends it only with RAY_AUTH_MODE=token, as docs/cluster.md tells users to set."""
+    explicit address sends it only with RAY_AUTH_MODE=token, as docs/cluster.md tells users to set. On a fresh
+    machine no token exists yet and `ray start --head` refuses to start in token mode: create one first."""
+    subprocess.run([RAY, "get-auth-token", "--generate"], check=True, capture_output=True, timeout=120)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAY_AUTH_MODE", "token")
         yield
@@ -342,7 +347,7 @@ def _sslrun_metric(port: int, name: str) -> dict[str, float]:
 
 def _record_batches(cfg: Any, hooks: Any, device: Any) -> Any:
     """The real trainer, with its real loader tapped: every batch this rank trains on is also saved to
-    OUTPUT/batches/e<epoch>_b<batch>_rank<r>.pt. A test instrument passed as the launcher's ``train_fn``."""
+    OUTPUT/batches/e<epoch>_b<batch>_rank<r>.pt. A test instrument the launcher's ``train_fn`` names."""
     import torch as _torch
 
     import sslrun.core.data.loader as loader_module
@@ -412,9 +417,6 @@ def test_two_ray_workers_match_one_process_on_the_same_global_batch(
     augmentations per rank, so the reference is fed the very tensors the workers trained on. Tolerance: 1e-5
     relative at every step, for float32 summation order (all-reduced gradients vs one batch); measured ~1e-7.
     """
-    from ray import cloudpickle
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
     steps = 5
     common = [
         "encoder.kwargs.depth=1",
@@ -429,7 +431,8 @@ def test_two_ray_workers_match_one_process_on_the_same_global_batch(
     flags = {"method": "mocov2", "encoder": "vit_tiny", "batch_size": 32, "max_steps": steps, "lr": 0.5}
     address, metrics_port = ray_head
     ddp = _cfg(tmp_path / "ddp", *common, extra={"cluster.address": address, "cluster.workers_per_node": 2}, **flags)
-    result = launch(ddp, echo=lambda _: None, train_fn=_record_batches)
+    # the workers import the instrument by name (the editable install maps the repository root to sslrun)
+    result = launch(ddp, echo=lambda _: None, train_fn="sslrun.tests.test_launch:_record_batches")
     assert result.steps == steps and result.plan.num_workers == 2 and result.info["world_size"] == 2
     # throughput exported as Ray metrics, per rank: 5 steps x 16 images on each rank
     counted: dict[str, float] = {}
@@ -551,7 +554,7 @@ def test_sigterm_checkpoints_and_stops_then_resume_finishes_on_the_embedded_defa
 @pytest.mark.ray
 def test_two_simulated_nodes_get_one_worker_each_with_strict_spread(tmp_path: Path) -> None:
     """`--address` to a two-node ``ray.cluster_utils.Cluster`` (head without CPUs): STRICT_SPREAD puts the two
-    ranks on the two worker nodes (checked by node id: every simulated node has the same IP, B5)."""
+    ranks on the two worker nodes (checked by node id: every simulated node has the same IP)."""
     _require_loopback_namespace()
     from ray.cluster_utils import Cluster
 

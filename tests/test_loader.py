@@ -1,4 +1,4 @@
-"""The FFCV multi-view loader (sslrun.core.data.loader) on a real tiny .beton.
+"""The FFCV loaders (sslrun.core.data.loader, sslrun.core.data.eval_loader) on a real tiny .beton.
 
 Every FFCV Loader pays numba JIT (seconds), so the module builds one 4-view loader (2 global + 2 local views, the
 DINO multi-crop shape) and reads two epochs from it once; most tests check those batches. Crops, flips and colour
@@ -20,11 +20,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sslrun.core.data.augment import ColorAugment, batch_seed
-from sslrun.core.data.beton import write_beton
-from sslrun.core.data.loader import EvalLoader, ViewLoader, sample_views
+from sslrun.core.data.augment import ColorAugment
+from sslrun.core.data.eval_loader import EvalLoader
+from sslrun.core.data.loader import ViewLoader, sample_views
+from sslrun.core.data.writer import write_beton
 from sslrun.core.errors import ConfigError, DataError
 from sslrun.core.interfaces import ViewSpec
+from sslrun.core.rng import batch_seed
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -165,9 +167,9 @@ def test_abandoned_epoch_is_closed_and_torch_threads_are_kept(loader: ViewLoader
     try:
         gen = loader.epoch(0)
         first = next(gen)
-        gen.close()  # abandon mid-epoch: the FFCV thread must stop (no leak, A3d)
+        gen.close()  # abandon mid-epoch: the FFCV thread must stop (no leaked thread or buffers)
         assert loader._active is None
-        assert torch.get_num_threads() == 2  # FFCV would have set it to num_workers=1 (A0)
+        assert torch.get_num_threads() == 2  # FFCV would have set it to num_workers=1
         again = next(iter(loader.epoch(0)))
         assert torch.equal(first[0][0], again[0][0]) and torch.equal(first[0][0], epochs[0][0][0][0])
     finally:
@@ -226,11 +228,11 @@ def test_sample_views_are_unnormalised_grids(source: Source) -> None:
 
 def test_building_a_loader_leaves_numba_types_intact(source: Source) -> None:
     """ffcv 1.0.2 sets ``mutable = False`` on numba's interned uint8 array type whenever a Loader is built, which
-    corrupts numba's dispatcher caches (a later loader then failed to compile); sslrun.core.data.ops fixes it."""
+    corrupts numba's dispatcher caches (a later loader then failed to compile); core.data.ffcv_compat fixes it."""
     import numba
     from ffcv.loader import Loader
 
-    import sslrun.core.data.ops  # noqa: F401 - applies the fix (sslrun's loaders import it before building)
+    import sslrun.core.data.ops  # noqa: F401 - imports FFCV through ffcv_compat.import_ffcv, which applies the fix
 
     interned = numba.uint8[::1]
     Loader(str(source[0]), batch_size=8, num_workers=1)  # construction only: no JIT
@@ -246,13 +248,13 @@ def test_numba_hash_equals_the_python_one() -> None:
 
 
 def test_a_failing_pipeline_raises_instead_of_hanging(source: Source) -> None:
-    """An exception in FFCV's pipeline thread leaves plain FFCV blocked forever (STACK-NOTES A3f)."""
+    """An exception in FFCV's pipeline thread leaves plain FFCV blocked forever on its output queue."""
     from ffcv.fields.rgb_image import SimpleRGBImageDecoder
     from ffcv.loader import Loader
     from ffcv.pipeline.operation import Operation
     from ffcv.transforms import ToTensor
 
-    from sslrun.core.data.loader import _start_epoch
+    from sslrun.core.data.ffcv_compat import start_epoch
 
     class Boom(Operation):
         def generate_code(self) -> Callable:
@@ -270,7 +272,7 @@ def test_a_failing_pipeline_raises_instead_of_hanging(source: Source) -> None:
         num_workers=1,
         pipelines={"image": [SimpleRGBImageDecoder(), ToTensor(), Boom()], "label": None},
     )
-    run = _start_epoch(ffcv_loader, 0, 0, source[0])
+    run = start_epoch(ffcv_loader, 0, 0, source[0])
     try:
         with pytest.raises(DataError, match="RuntimeError: boom inside the pipeline"):
             next(run)
@@ -307,7 +309,7 @@ def test_missing_and_damaged_files_are_data_errors(source: Source, tmp_path: Pat
         EvalLoader(tmp_path / "nope.beton", 8, device="cpu")
     bad = tmp_path / "train.beton"
     data = bytearray(source[0].read_bytes())
-    data[-100] ^= 0xFF  # one flipped byte: FFCV alone would read it silently (A3n)
+    data[-100] ^= 0xFF  # one flipped byte: FFCV alone would read it silently
     bad.write_bytes(bytes(data))
     (tmp_path / "train.beton.json").write_text(Path(str(source[0]) + ".json").read_text())
     with pytest.raises(DataError, match="sha256"):

@@ -29,7 +29,12 @@ METHODS = get_registry("method").names()
 SMALL_KWARGS: dict[str, dict[str, Any]] = {
     "mocov2": {"queue_size": 64},
     "dino": {"num_local_crops": 2, "freeze_last_layer_steps": 0},
+    "swav": {"num_local_crops": 2},
+    "ijepa": {"predictor_depth": 1},
 }
+#: Methods that need a ViT encoder (they predict patch tokens), and methods that train on a single view.
+VIT_ONLY = {"ijepa"}
+SINGLE_VIEW = {"ijepa"}
 
 
 def small_config(cls: type[Method], **overrides: Any) -> Any:
@@ -61,7 +66,11 @@ class TinyEncoder(nn.Module):
 
 def build_method(name: str, encoder: nn.Module | None = None, **overrides: Any) -> Method:
     cls = get_registry("method").get(name)
-    if encoder is None:
+    if encoder is None and name in VIT_ONLY:
+        from sslrun.plugins.encoders.vit import vit_tiny
+
+        encoder = vit_tiny(image_size=28, depth=2)
+    elif encoder is None:
         from sslrun.plugins.encoders.small_cnn import small_cnn
 
         encoder = small_cnn(width=4, image_size=28)  # output_dim 32
@@ -121,11 +130,11 @@ def test_view_specs(name: str) -> None:
     cfg = cls.Config()
     for size in (28, 224):
         specs = cls.view_specs(cfg, size)
-        assert len(specs) >= 2 and all(isinstance(s, ViewSpec) for s in specs)
+        assert len(specs) >= (1 if name in SINGLE_VIEW else 2) and all(isinstance(s, ViewSpec) for s in specs)
         assert all(1 <= s.size <= size for s in specs)
         if size <= 64:
             assert all(s.blur_p == 0 for s in specs), f"{name}: no gaussian blur on small images"
-        else:
+        elif name not in SINGLE_VIEW:  # I-JEPA's one view is a plain crop: the paper uses no colour or blur
             assert any(s.blur_p > 0 for s in specs), f"{name}: the paper's ImageNet views include a blur"
 
 
@@ -376,7 +385,7 @@ def test_sslrun_train_runs_every_method(
     args = [
         "train",
         "--method", name,
-        "--encoder", "small_cnn",
+        "--encoder", "vit_tiny" if name in VIT_ONLY else "small_cnn",
         "--dataset", "fashion-mnist",
         "--root", fashion_mnist_dir,
         "--data-dir", session_data_dir,
@@ -387,7 +396,7 @@ def test_sslrun_train_runs_every_method(
         "--device", "cpu",
         "--output", str(tmp_path / "run"),
         "--set", "data.max_samples=256",
-        "--set", "encoder.kwargs.width=8",
+        "--set", "encoder.kwargs.depth=2" if name in VIT_ONLY else "encoder.kwargs.width=8",
         "--set", "log.knn_every=0",
         "--set", "log.tensorboard=false",
         "--set", "log.log_every=1",
@@ -400,3 +409,21 @@ def test_sslrun_train_runs_every_method(
     losses = [rec["train/loss"] for rec in lines if "train/loss" in rec]
     assert losses and all(math.isfinite(v) for v in losses), lines
     assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
+
+
+def test_dino_schedules_are_given_in_epochs_and_set_up_in_steps() -> None:
+    """The paper's units: warm-up and frozen last layer in epochs, turned into steps by ``setup(ctx)``; a ``*_steps``
+    setting wins; ``setup`` can be called again (resume) with the same result."""
+    from sslrun.core.interfaces import SetupContext
+
+    method = build_method("dino", freeze_last_layer_steps=None)
+    assert method.cfg.teacher_temp_warmup_epochs == 30 and method.cfg.freeze_last_layer_epochs == 1
+    ctx = SetupContext(image_size=28, steps_per_epoch=10, total_steps=1000)
+    for _ in range(2):
+        method.setup(ctx)
+        assert (method.warmup_steps, method.freeze_steps) == (300, 10)
+    stepped = build_method("dino", teacher_temp_warmup_steps=7, freeze_last_layer_steps=3)
+    stepped.setup(ctx)
+    assert (stepped.warmup_steps, stepped.freeze_steps) == (7, 3)
+    with pytest.raises(ConfigError, match="teacher_temp_warmup_epochs"):
+        small_config(get_registry("method").get("dino"), teacher_temp_warmup_epochs=-1)

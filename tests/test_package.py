@@ -99,7 +99,7 @@ def test_third_party_plugins_are_discovered_across_distributions(example_plugin_
 def test_third_party_method_trains_a_step(example_plugin_installed, tmp_path: Path) -> None:
     probe = (
         "import torch\n"
-        "from sslrun.core.config import build_config\n"
+        "from sslrun.core.plugins.build import build_config\n"
         "from sslrun.core.plugins.resolve import build_method, validate_plugins\n"
         "cfg = validate_plugins(build_config(None, {'method.name': 'example_align', 'encoder.name': 'example_mlp'}))\n"
         "m = build_method(cfg, 28)\n"

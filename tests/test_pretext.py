@@ -1,8 +1,8 @@
-"""Pretext tasks and the pretext -> Method adapter.
+"""Pretext tasks, the PretextMethod base class they subclass, and their registration.
 
 Each task's ``make_inputs`` is checked for correct targets (rotating back by the label recovers the image, the
 jigsaw un-permuted by its label is the image, inpainting holes, colorization grayscale/Lab, MAE mask counts), each
-loss against a naive re-implementation of the paper's formula, and each task learns a fixed batch. The adapter is
+loss against a naive re-implementation of the paper's formula, and each task learns a fixed batch. The base class is
 checked for its seeded, checkpointed randomness and its visuals. The last test trains every registered task for a
 few steps through ``sslrun train``.
 """
@@ -22,9 +22,10 @@ from kornia.color import rgb_to_lab
 from sslrun.core.config import DataCfg, ExperimentConfig, PluginRef
 from sslrun.core.errors import ConfigError
 from sslrun.core.interfaces import Method, ViewSpec
-from sslrun.core.plugins.pretext import pretext_method_class, step_seed
 from sslrun.core.plugins.registry import get_registry
 from sslrun.core.plugins.resolve import build_method, method_class, method_config, validate_plugins
+from sslrun.core.pretext import PretextMethod
+from sslrun.core.rng import step_seed
 
 PRETEXTS = get_registry("pretext").names()
 MEAN = (0.5, 0.45, 0.4)
@@ -75,11 +76,11 @@ def build(name: str, size: int = 32, encoder: PluginRef | None = None, **kwargs)
     return method
 
 
-def task(name: str, size: int = 32, **kwargs):
-    return build(name, size, **kwargs).task
+def task(name: str, size: int = 32, **kwargs) -> PretextMethod:
+    return build(name, size, **kwargs)
 
 
-# ---- the adapter, for every registered task ----------------------------------------------------------------
+# ---- the base class, for every registered task ----------------------------------------------------------------
 def test_builtin_tasks_are_registered():
     assert set(PRETEXTS) >= {"rotation", "colorization", "inpainting", "jigsaw", "mae", "autoencoder"}
 
@@ -88,7 +89,7 @@ def test_builtin_tasks_are_registered():
 def test_adapter_class(name: str):
     task_cls = get_registry("pretext").get(name)
     cls = method_class(name)
-    assert issubclass(cls, Method) and cls is pretext_method_class(task_cls)  # cached: one class per task
+    assert issubclass(cls, Method) and cls is task_cls  # the registered class is the Method itself
     assert cls.name == name and cls.Config is task_cls.Config
     assert cls.requires_color is task_cls.requires_color
     specs = cls.view_specs(task_cls.Config(), 32)
@@ -199,7 +200,7 @@ def test_rotation_loss_and_visuals():
     naive = sum(-math.log(math.exp(logits[i, labels[i]]) / sum(math.exp(v) for v in logits[i])) for i in range(6)) / 6
     assert float(t.loss(logits, labels)) == pytest.approx(naive, abs=1e-5)
     inputs, labels = t.make_inputs(images(2), gen())
-    vis = t.visuals(images(2), inputs, F.one_hot(labels, 4).float(), labels)  # a perfect prediction
+    vis = t.visualize(images(2), inputs, F.one_hot(labels, 4).float(), labels)  # a perfect prediction
     torch.testing.assert_close(vis["prediction"], vis["target"])
     torch.testing.assert_close(vis["target"][0], denormalize(images(2))[0])
 
@@ -229,7 +230,7 @@ def test_jigsaw_unpermuting_recovers_the_image(grid: int):
     cell = 30 // grid
     assert tiles.shape == (5, grid * grid, 3, cell, cell)
     assert labels.max() < len(t.permutations)
-    from sslrun.plugins.pretext._common import assemble_tiles
+    from sslrun.plugins.common.patches import assemble_tiles
 
     restored = assemble_tiles(t.unshuffle(tiles, labels), grid, gap=0)
     torch.testing.assert_close(restored, x[:, :, : grid * cell, : grid * cell], rtol=0, atol=0)
@@ -263,7 +264,7 @@ def test_jigsaw_visuals_and_default_grid():
     t = task("jigsaw", size=32, tile_crop=1.0, tile_norm=False)
     x = images(2, 32)
     tiles, labels = t.make_inputs(x, gen())
-    vis = t.visuals(x, tiles, F.one_hot(labels, 24).float(), labels)
+    vis = t.visualize(x, tiles, F.one_hot(labels, 24).float(), labels)
     torch.testing.assert_close(vis["prediction"], vis["target"])
     torch.testing.assert_close(vis["target"][:, :, :16, :16], denormalize(x)[:, :, :16, :16])
 
@@ -453,18 +454,18 @@ def test_mae_loss_matches_official_formula():
 def test_mae_predict_and_visuals():
     m = build("mae")
     x = images(2)
-    inputs, mask = m.task.make_inputs(x, gen())
-    pred, target = m.task.predict(m.encoder, m.head, inputs, mask)
+    inputs, mask = m.make_inputs(x, gen())
+    pred, target = m.predict(inputs, mask)
     assert pred.shape == target.shape == (2, 48, 4 * 4 * 3)
-    vis = m.task.visuals(x, inputs, pred.detach(), mask)
-    from sslrun.plugins.pretext._common import patchify
+    vis = m.visualize(x, inputs, pred.detach(), mask)
+    from sslrun.plugins.common.patches import patchify
 
     keep = ~mask
     shown = patchify(vis["prediction"], 4)
     torch.testing.assert_close(shown[keep], patchify(denormalize(x), 4)[keep])  # visible patches kept as they are
     assert torch.allclose(patchify(vis["input"], 4)[mask], patchify(denormalize(torch.zeros_like(x)), 4)[mask])
     # a perfect prediction reconstructs the image exactly
-    perfect = m.task.visuals(x, inputs, target, mask)
+    perfect = m.visualize(x, inputs, target, mask)
     torch.testing.assert_close(perfect["prediction"], denormalize(x), atol=1e-4, rtol=0)
 
 
@@ -474,7 +475,7 @@ def test_mae_refuses_non_vit_encoders():
 
 
 def test_patchify_roundtrip():
-    from sslrun.plugins.pretext._common import patchify, unpatchify
+    from sslrun.plugins.common.patches import patchify, unpatchify
 
     x = images(2)
     p = patchify(x, 4)
@@ -488,12 +489,12 @@ def test_patchify_roundtrip():
 def test_loss_decreases_on_fixed_batch(name: str):
     torch.manual_seed(0)
     m = build(name)
-    inputs, targets = m.task.make_inputs(images(8), gen())
+    inputs, targets = m.make_inputs(images(8), gen())
     opt = torch.optim.Adam(m.parameters(), lr=3e-3)
     losses = []
     for _ in range(20):
-        pred, target = m.task.predict(m.encoder, m.head, inputs, targets)
-        loss = m.task.loss(pred, target)
+        pred, target = m.predict(inputs, targets)
+        loss = m.loss(pred, target)
         opt.zero_grad()
         loss.backward()
         opt.step()

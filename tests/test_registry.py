@@ -157,3 +157,30 @@ def test_builtins_are_registered_through_our_own_entry_points() -> None:
         for name in expected[kind]:
             assert reg.info(name).dist == "sslrun"
             assert reg.check(name) == "ok", f"{kind} {name}: {reg.check(name)}"
+
+
+def test_the_entry_point_names_the_class(plugin_dir: Path) -> None:
+    """The entry-point name is the plugin's name: the registry sets ``cls.name``; a class naming itself otherwise is
+    refused."""
+    make_module(
+        plugin_dir,
+        "fake_named",
+        """
+        from fake_good import Good
+
+        class Unnamed(Good):  # states no name of its own
+            pass
+
+        class Misnamed(Good):
+            name = "something_else"
+        """,
+    )
+    eps = {"mine": "fake_named:Unnamed", "x": "fake_named:Misnamed"}
+    make_dist(plugin_dir, "pkg_n", "1.0", {"sslrun.methods": eps})
+    reg = Registry("method", path=[str(plugin_dir)])
+    try:
+        assert reg.get("mine").name == "mine"
+        with pytest.raises(PluginValidationError, match="the class is named 'something_else'"):
+            reg.get("x")
+    finally:
+        sys.modules.pop("fake_named", None)

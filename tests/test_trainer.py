@@ -32,8 +32,9 @@ from sslrun.core.config import ExperimentConfig, PluginRef
 from sslrun.core.errors import CheckpointError, TrainingError
 from sslrun.core.interfaces import Method, ViewSpec
 from sslrun.core.plugins import registry
+from sslrun.core.train.callbacks import TrainHooks
 from sslrun.core.train.checkpoint import load_checkpoint
-from sslrun.core.train.trainer import TrainHooks, train
+from sslrun.core.train.trainer import train
 
 runner = CliRunner()
 
@@ -287,7 +288,8 @@ def test_online_knn_matches_a_direct_computation_and_restores_state(
     session_data_dir: str, fashion_mnist_dir: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from sslrun.core.config import DataCfg
-    from sslrun.core.data.beton import BetonReader, ensure_prepared
+    from sslrun.core.data.cache import ensure_prepared
+    from sslrun.core.data.format import BetonReader
     from sslrun.core.train.knn import knn_accuracy
     from sslrun.core.train.online_knn import OnlineKnn
 

@@ -1,9 +1,10 @@
 """Batched colour augmentations on the training device, with per-sample random parameters.
 
-FFCV 1.0.2 has no grayscale, blur, solarize or hue op, and a torch module placed in an FFCV pipeline draws one
-random parameter per *batch* (STACK-NOTES A1). So the colour part of a view runs here, after the loader, on whole
-batches on the training device: every sample gets its own factors, drawn from a ``torch.Generator`` seeded from
-``(seed, epoch, batch index, rank)`` (:func:`batch_seed`), so a resumed run draws exactly the same parameters.
+FFCV 1.0.2 has no grayscale, blur, solarize or hue op, and a torch module placed in an FFCV pipeline is called once
+per batch, so a torchvision random transform there draws one random parameter per *batch*. So the colour part of a
+view runs here, after the loader, on whole batches on the training device: every sample gets its own factors, drawn
+from a ``torch.Generator`` seeded from ``(seed, epoch, batch index, rank)`` (:func:`sslrun.core.rng.batch_seed`), so
+a resumed run draws exactly the same parameters.
 
 The operations follow torchvision's float-tensor kernels (``transforms.v2.functional``), which is what SimCLR,
 MoCo v2, BYOL and DINO use through ``ColorJitter``/``RandomGrayscale``/``GaussianBlur``/``RandomSolarize``:
@@ -25,16 +26,13 @@ import torch.nn.functional as F
 
 from sslrun.core.data.color_params import ColorParams
 from sslrun.core.interfaces import ViewSpec
-from sslrun.core.rng import batch_seed
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "ColorAugment",
-    "ColorParams",
     "Normalize",
     "adjust_hue",
-    "batch_seed",
     "blur_kernel_size",
     "gaussian_blur",
     "grayscale",
@@ -115,6 +113,7 @@ class ColorAugment:
             saturation, hue (a little cheaper).
 
     Example:
+        >>> from sslrun.core.rng import batch_seed
         >>> aug = ColorAugment(ViewSpec(size=32))
         >>> g = torch.Generator().manual_seed(batch_seed(0, epoch=0, batch=0, rank=0))
         >>> out = aug(torch.rand(8, 3, 32, 32), g)

@@ -1,7 +1,7 @@
 """``sslrun data inspect``: what is in a prepared .beton (count, fields, image sizes, label histogram, mean/std),
 a PNG grid of its samples, and a grid of the augmented views a method would train on.
 
-Samples for the grid are read with :class:`sslrun.core.data.beton.BetonReader` (numpy/OpenCV, no numba JIT: an
+Samples for the grid are read with :class:`sslrun.core.data.format.BetonReader` (numpy/OpenCV, no numba JIT: an
 inspection answers in a second); the augmented views come from the training loader
 (:func:`sslrun.core.data.loader.sample_views`), so they are exactly what the method sees.
 """
@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from sslrun.core.data.beton import FIELDS, BetonReader, verify_beton
-from sslrun.core.errors import ConfigError, DataError
+from sslrun.core.data.format import BetonReader, verify_beton
+from sslrun.core.data.manifest import FIELDS
+from sslrun.core.errors import DataError
 
 __all__ = ["compose_grid", "summarize", "write_sample_grid", "write_views_grid"]
 
@@ -98,20 +99,15 @@ def write_views_grid(path: str | Path, method: str, out: str | Path, n: int = 8)
     """A PNG grid with one row per sample and one column per augmented view of ``method`` (its default Config).
 
     Raises:
-        ConfigError: the loader's ``sample_views`` is not available, or ``method`` is unknown.
+        UnknownPluginError: ``method`` is not an installed method or pretext task.
         DataError: the file is not a valid .beton.
     """
     import torch
 
+    from sslrun.core.data.loader import sample_views
     from sslrun.core.plugins.resolve import method_class
 
     manifest = verify_beton(path)
-    try:
-        from sslrun.core.data.loader import sample_views
-    except ImportError as exc:
-        raise ConfigError(
-            f"augmented views are unavailable: sslrun.core.data.loader.sample_views cannot be imported ({exc})"
-        ) from exc
     cls = method_class(method)
     image_size = max(manifest.image_size)
     specs = cls.view_specs(cls.Config(), image_size)

@@ -2,9 +2,9 @@
 ``(seed, epoch, sample index, view)``.
 
 Why not FFCV's own ``RandomResizedCropRGBImageDecoder`` / ``RandomHorizontalFlip``: they draw from numba's
-per-thread RNG, which Python cannot seed (``np.random.seed`` in Python does not reach it), so two runs with the
-same seeds get different crops and a resumed run sees different data than an uninterrupted one (STACK-NOTES A2
-"augmentation RNG", A4). Here every random number is a counter-based hash (splitmix64, Steele et al. 2014) of the
+per-thread RNG, which Python cannot seed (``np.random.seed`` in Python does not reach it), so two runs with the same
+seeds get different crops and a resumed run sees different data than an uninterrupted one (FFCV's ``Loader(seed=)``
+seeds only the order). Here every random number is a counter-based hash (splitmix64, Steele et al. 2014) of the
 seed, the epoch, the sample's index in the ``.beton`` and a per-view salt, so the result does not depend on which
 thread, rank or batch handles the sample, nor on what ran before.
 
@@ -14,15 +14,15 @@ FFCV pipeline only passes its own arguments to an op. So the ops read ``(seed, e
 before each epoch's iterator thread starts and keeps it alive as long as the loader.
 
 Interpolation: FFCV's decoder resizes with OpenCV ``INTER_AREA``, which is right for shrinking but behaves almost
-like nearest-neighbour when enlarging (STACK-NOTES A3k: an 8x8 crop enlarged to 28x28 had 59% equal vertical
-neighbours). Small datasets (28-32 px) enlarge on nearly every crop, so when a crop is smaller than the output in
-either dimension this decoder resamples bilinearly itself (the torchvision ``RandomResizedCrop`` convention:
-half-pixel centres, no antialiasing, which is exact for enlargement); crops at least as large as the output keep
-``INTER_AREA``, which antialiases. Doing it in the decoder keeps all cropping in FFCV's threads; a torch-side
-resize would need ragged crops to be padded or handled one by one.
+like nearest-neighbour when enlarging (libffcv/ffcv#245; measured: an 8x8 crop enlarged to 28x28 had 59% equal
+vertical neighbours, against 9% for bilinear). Small datasets (28-32 px) enlarge on nearly every crop, so when a
+crop is smaller than the output in either dimension this decoder resamples bilinearly itself (the torchvision
+``RandomResizedCrop`` convention: half-pixel centres, no antialiasing, which is exact for enlargement); crops at
+least as large as the output keep ``INTER_AREA``, which antialiases. Doing it in the decoder keeps all cropping in
+FFCV's threads; a torch-side resize would need ragged crops to be padded or handled one by one.
 """
 
-# ruff: noqa: E402 - ffcv is imported after recording torch's thread count, see below
+# ruff: noqa: E402 - ffcv is imported through import_ffcv, before the `from ffcv...` lines
 from __future__ import annotations
 
 import math
@@ -31,10 +31,10 @@ from typing import Any
 
 import numba
 import numpy as np
-import torch
 
-# `import ffcv` sets torch's thread count to 1 (STACK-NOTES A0); this module is where sslrun first imports it.
-_TORCH_THREADS = torch.get_num_threads()
+from sslrun.core.data.ffcv_compat import import_ffcv
+
+import_ffcv()
 
 from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
 from ffcv.libffcv import imdecode, resize_crop
@@ -45,8 +45,6 @@ from ffcv.pipeline.state import State
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
-
-torch.set_num_threads(_TORCH_THREADS)
 
 __all__ = [
     "AugmentState",
@@ -188,40 +186,6 @@ def flip_for(seed: int, epoch: int, index: int, view: int, p: float) -> bool:
     return bool(uniform(_U64(key), 0) < p)
 
 
-def _fix_os_cache_reader_types() -> None:
-    """Work around an ffcv 1.0.2 bug that corrupts numba's type cache.
-
-    ``OSCacheManager.state_type`` does ``t1 = nb.uint8[::1]; t1.mutable = False``: it mutates numba's *interned*
-    ``Array(uint8, 1, 'C')`` type in place, on every Loader construction, which changes that object's hash. Every
-    dict already keyed by it (numba dispatchers' ``overloads``) is then corrupted. Seen here: a JPEG decoder
-    dispatcher shared by two loaders failed to compile in the second one with ``KeyError: (Array(uint8, 1, 'C',
-    True, aligned=True), ...)``; with FFCV's own per-decoder dispatchers, garbage collection printed the same
-    KeyError from numba's dispatcher finalizers. This builds the same read-only type properly
-    (``types.Array(..., readonly=True)``) and compiles the reader with it; the compiled reader is identical.
-    """
-    from ffcv.memory_managers.os_cache import OSCacheManager
-
-    if getattr(OSCacheManager, "_sslrun_fixed", False):
-        return
-    readonly_u8 = types.Array(types.uint8, 1, "C", readonly=True)
-    u64 = types.Array(types.uint64, 1, "C")
-    state_type = types.Tuple([readonly_u8, u64, u64])
-
-    def compile_reader(self: Any) -> Any:
-        def read(address, mem_state):
-            size = mem_state[2][np.searchsorted(mem_state[1], address)]
-            return mem_state[0][address : address + size]
-
-        return Compiler.compile(read, readonly_u8(types.uint64, state_type))
-
-    OSCacheManager.state_type = property(lambda self: state_type)
-    OSCacheManager.compile_reader = compile_reader
-    OSCacheManager._sslrun_fixed = True
-
-
-_fix_os_cache_reader_types()
-
-
 @intrinsic
 def _address_as_voidptr(typingctx: Any, address: Any) -> Any:
     """numba intrinsic: an integer address -> ``void*`` (to view memory owned by Python with ``numba.carray``)."""
@@ -312,13 +276,13 @@ class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
         return crop_params
 
     def generate_code(self) -> Any:
-        # Capture plain locals only: referencing `self` inside the compiled function is a numba TypingError (A4).
+        # Capture plain locals only: referencing `self` inside the compiled function is a numba TypingError.
         jpg = IMAGE_MODES["jpg"]
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
         # A fresh dispatcher per decoder, as FFCV's own decoders do. (A module-level one shared by two loaders'
         # pipelines failed the second compilation with a numba KeyError; the root cause, ffcv mutating numba's
-        # interned array type, is fixed above, but per-decoder dispatchers stay the conservative choice.)
+        # interned array type, is fixed in ffcv_compat, but per-decoder dispatchers stay the conservative choice.)
         imdecode_c = Compiler.compile(imdecode)
         resize_crop_c = Compiler.compile(resize_crop)
         address = self.state.address

@@ -1,1 +1,2 @@
-"""Evaluation of a pretrained encoder: feature extraction and caching, label subsets, kNN, linear probe, fine-tuning, and export."""
+"""Evaluation of a pretrained encoder: feature extraction and caching, label subsets, kNN, linear probe,
+fine-tuning, and export."""

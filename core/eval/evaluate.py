@@ -22,9 +22,10 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,22 +40,21 @@ from sslrun.core.eval.features import (
     prepare_eval_data,
 )
 from sslrun.core.eval.subsets import balanced_subset
+from sslrun.core.files import atomic_write_text
 from sslrun.core.system import parse_device
 
 __all__ = [
     "KNN_SETTINGS",
     "EvalOptions",
     "EvalResult",
+    "PROTOCOLS",
     "evaluate",
-    "result_rows",
     "run_finetune",
     "run_knn",
     "run_linear",
     "scratch_encoder",
     "write_result",
 ]
-
-Kind = Literal["knn", "linear", "finetune"]
 
 #: (k, temperature) pairs of the kNN evaluation; the last one is the headline number.
 KNN_SETTINGS: tuple[tuple[int, float], ...] = ((20, 0.07), (200, 0.1))
@@ -153,11 +153,8 @@ class EvalResult:
 
 def write_result(result: EvalResult, out_dir: Path) -> Path:
     """Write ``result`` as indented JSON into ``out_dir`` (created if needed); returns the file."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / result.filename()
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result.to_dict(), indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(result.to_dict(), indent=2) + "\n")
     return path
 
 
@@ -303,14 +300,14 @@ def run_linear(pre: Pretrained, data: EvalData, opts: EvalOptions) -> EvalResult
     )
 
 
-def run_finetune(pre: Pretrained, data: EvalData, opts: EvalOptions, *, from_scratch: bool = False) -> EvalResult:
+def run_finetune(pre: Pretrained, data: EvalData, opts: EvalOptions) -> EvalResult:
     """Fine-tune the whole encoder plus a linear head on the labelled subset; score on the test split.
 
     Args:
-        pre: the encoder to start from (a random one from :func:`scratch_encoder` for the baseline).
+        pre: the encoder to start from; a randomly initialised one (no checkpoint, from :func:`scratch_encoder`)
+            is the from-scratch baseline and its result is labelled ``scratch``.
         data: the labelled splits.
         opts: shared options (``epochs``, ``lr``, ``weight_decay``, ``batch_size`` ...).
-        from_scratch: label the result ``scratch`` (the encoder is expected to be randomly initialised).
     """
     from sslrun.core.eval.finetune import FinetuneOptions, finetune, read_labels
 
@@ -338,7 +335,7 @@ def run_finetune(pre: Pretrained, data: EvalData, opts: EvalOptions, *, from_scr
         max_test_samples=opts.max_samples,
     )
     return _result(
-        "scratch" if from_scratch else "finetune",
+        "scratch" if pre.checkpoint is None else "finetune",
         pre,
         data,
         opts,
@@ -351,7 +348,15 @@ def run_finetune(pre: Pretrained, data: EvalData, opts: EvalOptions, *, from_scr
     )
 
 
-# ---- entry point used by the CLI ------------------------------------------------------------------------------
+#: The protocols ``evaluate`` runs, by the name the ``sslrun eval`` commands give them.
+PROTOCOLS: dict[str, Callable[[Pretrained, EvalData, EvalOptions], EvalResult]] = {
+    "knn": run_knn,
+    "linear": run_linear,
+    "finetune": run_finetune,
+}
+
+
+# ---- entry point ----------------------------------------------------------------------------------------------
 def scratch_encoder(cfg: ExperimentConfig, image_size: int, seed: int) -> Pretrained:
     """A randomly initialised encoder with the architecture ``cfg`` names (seeded, so baselines reproduce)."""
     from sslrun.core.plugins.resolve import build_encoder
@@ -391,7 +396,7 @@ def _eval_data_cfg(
 
 
 def evaluate(
-    kind: Kind,
+    kind: str,
     checkpoint: str | Path | None,
     *,
     dataset: str | None = None,
@@ -406,7 +411,7 @@ def evaluate(
     """Run one evaluation end to end and write its JSON file.
 
     Args:
-        kind: ``knn``, ``linear`` or ``finetune``.
+        kind: a :data:`PROTOCOLS` name: ``knn``, ``linear`` or ``finetune``.
         checkpoint: an sslrun checkpoint (or a run directory); optional only for ``from_scratch``.
         dataset: evaluation dataset (default: the checkpoint's pretraining dataset).
         data_dir: cache of prepared .beton files (default: the checkpoint's).
@@ -424,6 +429,8 @@ def evaluate(
         ConfigError / CheckpointError / DataError / PluginError: one line saying what to fix.
     """
     opts = options or EvalOptions()
+    if kind not in PROTOCOLS:
+        raise ConfigError(f"unknown evaluation {kind!r}; choose {', '.join(PROTOCOLS)}")
     if from_scratch and kind != "finetune":
         raise ConfigError("--from-scratch only applies to `sslrun eval finetune` (kNN/linear need trained weights)")
     if checkpoint is None and not from_scratch:
@@ -446,14 +453,7 @@ def evaluate(
         pre = scratch_encoder(cfg, image_size, opts.seed)
         out_dir = Path(output) if output else Path("runs") / "eval"
     data = prepare_eval_data(data_cfg)
-    if kind == "knn":
-        result = run_knn(pre, data, opts)
-    elif kind == "linear":
-        result = run_linear(pre, data, opts)
-    elif kind == "finetune":
-        result = run_finetune(pre, data, opts, from_scratch=from_scratch)
-    else:
-        raise ConfigError(f"unknown evaluation {kind!r}; choose knn, linear or finetune")
+    result = PROTOCOLS[kind](pre, data, opts)
     result.seconds = round(time.perf_counter() - started, 3)
     if checkpoint is not None and from_scratch:
         result.details["architecture_from"] = str(Path(checkpoint).resolve())  # no weights taken from it
@@ -468,36 +468,3 @@ def _results_dir(checkpoint: str | Path) -> Path:
     if p.is_dir():
         return p / "checkpoints" if (p / "checkpoints").is_dir() else p
     return p.parent
-
-
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f}%"
-
-
-def result_rows(result: EvalResult, json_path: Path | None = None) -> list[tuple[str, str]]:
-    """``(field, value)`` rows summarising ``result`` for a table (the CLI prints them with rich)."""
-    d = result.details
-    rows = [
-        ("protocol", {"scratch": "finetune from scratch (baseline)"}.get(result.kind, result.kind)),
-        ("dataset", f"{result.dataset} ({result.train_split} -> {result.test_split}, {result.num_classes} classes)"),
-        ("labels", f"{result.label_fraction:g} of {result.train_split}: {result.num_labelled} images"),
-        ("seed", str(result.seed)),
-        ("test images", str(result.num_test)),
-        ("top-1", _pct(result.top1)),
-        ("top-5", _pct(result.top5)),
-    ]
-    if result.kind == "knn":
-        for st in d["settings"]:
-            rows.append((f"kNN k={st['k']} T={st['t']:g}", f"{_pct(st['top1'])} (top-5 {_pct(st['top5'])})"))
-    elif result.kind == "linear":
-        rows += [("weight decay", f"{d['weight_decay']:g} (chosen on a held-out 20% of the labels)")]
-        rows += [("train top-1", _pct(d["train_top1"]))]
-    else:
-        recipe = d["recipe"]
-        rows += [("recipe", f"{recipe['epochs']} epochs, {d['steps']} steps, lr {recipe['lr']:g}/256, SGD+cosine")]
-        rows += [("final train loss", f"{d['final_loss']:.4f}")]
-    rows += [("seconds", f"{result.seconds:.1f}")]
-    rows += [("checkpoint", f"{result.checkpoint} (step {result.checkpoint_step})" if result.checkpoint else "none")]
-    if json_path is not None:
-        rows += [("json", str(json_path))]
-    return rows

@@ -66,7 +66,7 @@ def _sslrun_version() -> str:
 
 
 def _plain(value: Any) -> Any:
-    """Builtins only, so the metadata loads with ``weights_only=True``."""
+    """Builtins only: ``torch.load(weights_only=True)`` refuses numpy scalars, arrays and ``pathlib.Path``."""
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -101,7 +101,8 @@ def export_encoder(checkpoint: str | Path, output: str | Path) -> dict[str, Any]
         >>> meta = export_encoder("runs/demo/checkpoints/last.pt", "encoder.pt")  # doctest: +SKIP
         >>> blob = torch.load("encoder.pt", weights_only=True)  # doctest: +SKIP
     """
-    from sslrun.core.eval.features import encoder_kwargs, load_pretrained, pretraining_manifest
+    from sslrun.core.eval.features import load_pretrained, pretraining_manifest
+    from sslrun.core.plugins.resolve import encoder_kwargs
 
     out = Path(output)
     if out.is_dir():

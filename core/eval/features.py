@@ -9,7 +9,6 @@ extraction, and a new checkpoint or a re-prepared dataset can never be served st
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import sys
 from dataclasses import dataclass
@@ -28,7 +27,6 @@ __all__ = [
     "EvalData",
     "Pretrained",
     "cached_features",
-    "encoder_kwargs",
     "extract_features",
     "load_pretrained",
     "pretraining_manifest",
@@ -73,27 +71,12 @@ class EvalData:
     num_classes: int
 
 
-def encoder_kwargs(cfg: ExperimentConfig, image_size: int) -> dict[str, Any]:
-    """The keyword arguments the encoder factory is actually called with: ``encoder.kwargs`` plus
-    ``image_size`` when the factory takes it (what :func:`sslrun.core.plugins.resolve.build_encoder` passes)."""
-    from sslrun.core.plugins.registry import get_registry
-
-    factory = get_registry("encoder").get(cfg.encoder.name)
-    kwargs = dict(cfg.encoder.kwargs)
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        return kwargs
-    if "image_size" in params and "image_size" not in kwargs:
-        kwargs["image_size"] = image_size
-    return kwargs
-
-
 def pretraining_manifest(cfg: ExperimentConfig) -> Any | None:
-    """The manifest (:class:`sslrun.core.data.beton.Manifest`) of the run's pretraining split when it is in the local
+    """The manifest (:class:`sslrun.core.data.manifest.Manifest`) of the run's pretraining split when it is in the local
     data cache (``data.data_dir``), else None. Read without hashing the .beton: only sizes and statistics are
     needed here."""
-    from sslrun.core.data.beton import Manifest, cached_path, manifest_path
+    from sslrun.core.data.cache import cached_path
+    from sslrun.core.data.manifest import Manifest, manifest_path
     from sslrun.core.plugins.registry import get_registry
 
     try:
@@ -191,7 +174,8 @@ def prepare_eval_data(data_cfg: DataCfg) -> EvalData:
     Raises:
         DataError: the dataset has no labelled evaluation splits, or its splits carry no class count.
     """
-    from sslrun.core.data.beton import ensure_prepared, verify_beton
+    from sslrun.core.data.cache import ensure_prepared
+    from sslrun.core.data.format import verify_beton
     from sslrun.core.plugins.resolve import build_dataset
 
     dataset = build_dataset(ExperimentConfig(data=data_cfg))
@@ -231,7 +215,7 @@ def extract_features(
     Returns:
         ``(features (N, D) float32 on the CPU, labels (N,) int64 on the CPU)``.
     """
-    from sslrun.core.data.loader import EvalLoader
+    from sslrun.core.data.eval_loader import EvalLoader
 
     was_training = encoder.training
     encoder.eval().to(device)
@@ -250,9 +234,7 @@ def extract_features(
             # FFCV hands out views into a ring buffer that later batches overwrite: keep a copy.
             labels.append(y.detach().to("cpu", torch.long, copy=True))
     finally:
-        close = getattr(loader, "close", None)
-        if close is not None:
-            close()
+        loader.close()
         encoder.train(was_training)
     if not feats:
         raise DataError(f"{path} holds no samples; re-prepare it (sslrun data prepare)")
@@ -260,7 +242,7 @@ def extract_features(
 
 
 def _cache_key(pre: Pretrained, path: Path, max_samples: int | None, image_size: int | None) -> str:
-    from sslrun.core.data.beton import verify_beton
+    from sslrun.core.data.format import verify_beton
 
     manifest = verify_beton(path)
     payload = {

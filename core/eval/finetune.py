@@ -111,7 +111,7 @@ def read_labels(path: Path, max_samples: int | None = None) -> torch.Tensor:
     Raises:
         DataError: the file is missing, damaged or does not match its manifest.
     """
-    from sslrun.core.data.beton import BetonReader
+    from sslrun.core.data.format import BetonReader
 
     labels = BetonReader(path).labels
     if max_samples is not None:
@@ -139,7 +139,7 @@ def _score(
     max_samples: int | None,
 ) -> tuple[float, float, int]:
     """Top-1 / top-5 of ``model`` on a whole labelled split (unlabelled samples skipped)."""
-    from sslrun.core.data.loader import EvalLoader
+    from sslrun.core.data.eval_loader import EvalLoader
 
     model.eval()
     cuda = device.type == "cuda"
@@ -162,9 +162,7 @@ def _score(
             correct5 += int((top == y[:, None]).any(dim=1).sum())
             total += int(y.numel())
     finally:
-        close = getattr(loader, "close", None)
-        if close is not None:
-            close()
+        loader.close()
     if total == 0:
         raise DataError(f"{test_path} has no labelled samples to score")
     return correct1 / total, correct5 / total, total
@@ -258,9 +256,7 @@ def finetune(
                 step += 1
             epoch_loss.append(running / max(count, 1))
     finally:
-        close = getattr(loader, "close", None)
-        if close is not None:
-            close()
+        loader.close()
     top1, top5, num_test = _score(
         model,
         test_path,

@@ -1,1 +1,2 @@
-"""Plugin discovery and resolution: the entry-point registry, name -> class/factory resolution with one-line errors, and the layered config build (which needs the method plugin for its optimiser defaults)."""
+"""Plugin discovery and resolution: the entry-point registry, name -> class/factory resolution with one-line
+errors, and the layered config build (which needs the method plugin for its optimiser defaults)."""

@@ -1,16 +1,19 @@
 """Plugin discovery through entry points: one path for our built-ins and third-party packages alike.
 
 Names are listed from the entry-point metadata without importing anything; a plugin is imported only when it is
-used (:meth:`Registry.get`) or checked (:meth:`Registry.check`). Every failure is a one-line :class:`PluginError`
-naming the plugin, its kind and its distribution:
+used (:meth:`Registry.get`) or checked (:meth:`Registry.check`). The entry-point name is the plugin's name: the
+registry sets it as ``cls.name`` on the classes it loads. Pretext tasks are Methods (subclasses of
+:class:`~sslrun.core.pretext.PretextMethod`); their group ``sslrun.pretexts`` only lists them apart from the other
+methods. Every failure is a one-line :class:`PluginError` naming the plugin, its kind and its distribution:
 
 * importing raises            -> :class:`PluginLoadError` (with the original exception chained),
-* the object is the wrong kind -> :class:`PluginValidationError`,
+* the object is the wrong kind -> :class:`PluginValidationError` (also: a class stating another ``name``),
 * two distributions, one name  -> :class:`DuplicatePluginError` naming both,
 * no such name                 -> :class:`UnknownPluginError` listing the valid names.
 
 Discovery uses the ``entrypoints`` package (``get_group_all`` keeps duplicates, which ``importlib.metadata``'s
-``entry_points()[name]`` would silently resolve to whichever dist-info directory is read first).
+``entry_points()[name]`` would silently resolve to whichever dist-info directory is read first); see
+docs/internals.md, section 'Entry points: duplicates and versions'.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from sslrun.core.errors import (
     PluginValidationError,
     UnknownPluginError,
 )
+from sslrun.core.pretext import PretextMethod
 
 __all__ = ["GROUPS", "KINDS", "PluginInfo", "Registry", "get_registry", "reset_registries"]
 
@@ -80,7 +84,7 @@ def _require_config(obj: type, kind: str) -> str | None:
 def _validate_class(base: type, kind: str) -> Callable[[Any], str | None]:
     def check(obj: Any) -> str | None:
         if not (inspect.isclass(obj) and issubclass(obj, base)):
-            return f"expected a subclass of sslrun.core.interfaces.{base.__name__}, got {obj!r}"
+            return f"expected a subclass of {base.__module__}.{base.__qualname__}, got {obj!r}"
         if inspect.isabstract(obj):
             missing = ", ".join(sorted(obj.__abstractmethods__))
             return f"{obj.__name__} does not implement {missing}"
@@ -103,7 +107,7 @@ def _validate_encoder(obj: Any) -> str | None:
 
 VALIDATORS: dict[str, Callable[[Any], str | None]] = {
     "method": _validate_class(interfaces.Method, "method"),
-    "pretext": _validate_class(interfaces.PretextTask, "pretext task"),
+    "pretext": _validate_class(PretextMethod, "pretext task"),
     "dataset": _validate_class(interfaces.Dataset, "dataset"),
     "encoder": _validate_encoder,
 }
@@ -183,8 +187,23 @@ class Registry:
             raise PluginValidationError(
                 f"{self.kind} plugin {name!r} from {info.dist_version} ({info.target}) is invalid: {problem}"
             )
+        if inspect.isclass(obj):
+            self._name_class(obj, info)
         self._loaded[name] = obj
         return obj
+
+    def _name_class(self, cls: type, info: PluginInfo) -> None:
+        """Give a plugin class its entry-point name as ``cls.name``: the entry point is the one place a plugin's
+        name is written. A class that states a different ``name`` itself (or was loaded under another name
+        before) is refused rather than known by two names."""
+        stated = vars(cls).get("name")
+        if stated and stated != info.name:
+            raise PluginValidationError(
+                f"{self.kind} plugin {info.name!r} from {info.dist_version} ({info.target}) is invalid: the class "
+                f"is named {stated!r}; drop its `name` attribute (the entry point names the plugin), or register "
+                f"a subclass under the second name"
+            )
+        cls.name = info.name  # type: ignore[attr-defined]
 
     def check(self, name: str) -> str:
         """``"ok"`` or ``"broken: <reason>"``; never raises for a broken plugin."""

@@ -18,12 +18,14 @@ from sslrun.core.config import ExperimentConfig, coerce_dataclass
 from sslrun.core.errors import ConfigError, SslrunError, UnknownPluginError
 from sslrun.core.interfaces import Dataset, Method, ViewSpec
 from sslrun.core.plugins.registry import get_registry
+from sslrun.core.pretext import PretextMethod
 
 __all__ = [
     "build_dataset",
     "build_encoder",
     "build_method",
     "check_plugin_versions",
+    "encoder_kwargs",
     "method_class",
     "method_config",
     "method_views",
@@ -32,14 +34,12 @@ __all__ = [
 
 
 def method_class(name: str) -> type[Method]:
-    """The Method class for ``name``: a ``sslrun.methods`` plugin, or a ``sslrun.pretexts`` task wrapped as one."""
+    """The Method class for ``name``: a ``sslrun.methods`` or a ``sslrun.pretexts`` plugin (both are Methods)."""
     methods, pretexts = get_registry("method"), get_registry("pretext")
     if name in methods.names():
         return methods.get(name)
     if name in pretexts.names():
-        from sslrun.core.plugins.pretext import pretext_method_class
-
-        return pretext_method_class(pretexts.get(name))
+        return pretexts.get(name)
     raise UnknownPluginError(
         f"unknown method {name!r}; methods: {', '.join(methods.names()) or '(none)'}; "
         f"pretext tasks: {', '.join(pretexts.names()) or '(none)'}"
@@ -84,7 +84,10 @@ def dataset_config(cfg: ExperimentConfig) -> Any:
     return coerce_dataclass(cls.Config, kwargs, f"data.dataset_kwargs ({cfg.data.dataset})")
 
 
-def _encoder_kwargs(cfg: ExperimentConfig, image_size: int | None) -> dict[str, Any]:
+def encoder_kwargs(cfg: ExperimentConfig, image_size: int | None = None) -> dict[str, Any]:
+    """The keyword arguments the encoder factory is called with: ``encoder.kwargs``, checked against its
+    signature (unknown keys and wrong types are one-line :class:`ConfigError`), plus ``image_size`` when the
+    factory takes it."""
     factory = get_registry("encoder").get(cfg.encoder.name)
     kwargs = dict(cfg.encoder.kwargs)
     try:
@@ -123,7 +126,7 @@ def build_dataset(cfg: ExperimentConfig) -> Dataset:
 def build_encoder(cfg: ExperimentConfig, image_size: int | None = None) -> nn.Module:
     """The encoder module; ``image_size`` is passed to factories that take it (small-image stem)."""
     factory = get_registry("encoder").get(cfg.encoder.name)
-    module = factory(**_encoder_kwargs(cfg, image_size))
+    module = factory(**encoder_kwargs(cfg, image_size))
     if not isinstance(getattr(module, "output_dim", None), int):
         info = get_registry("encoder").info(cfg.encoder.name)
         raise ConfigError(
@@ -136,7 +139,7 @@ def build_method(cfg: ExperimentConfig, image_size: int) -> Method:
     """The method (wrapping a freshly built encoder), ready to train."""
     cls = method_class(cfg.method.name)
     encoder = build_encoder(cfg, image_size)
-    if "image_size" in inspect.signature(cls.__init__).parameters:  # pretext adapters size dense heads with it
+    if issubclass(cls, PretextMethod):  # its head is built in the constructor, to the image size (dense outputs)
         return cls(encoder, method_config(cfg), image_size=image_size)
     return cls(encoder, method_config(cfg))
 
@@ -152,7 +155,7 @@ def validate_plugins(cfg: ExperimentConfig) -> ExperimentConfig:
     method_config(cfg)
     kind = "method" if cfg.method.name in get_registry("method").names() else "pretext"
     versions[f"{kind}:{cfg.method.name}"] = get_registry(kind).info(cfg.method.name).dist_version
-    _encoder_kwargs(cfg, None)
+    encoder_kwargs(cfg, None)
     versions[f"encoder:{cfg.encoder.name}"] = get_registry("encoder").info(cfg.encoder.name).dist_version
     dcls = get_registry("dataset").get(cfg.data.dataset)
     dataset_config(cfg)

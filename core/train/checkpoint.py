@@ -13,9 +13,11 @@ Format (``"format": "sslrun-checkpoint/1"``)::
     plugins         cfg.plugin_versions ("kind:name" -> "dist==version")
     metrics         the last logged metrics (floats)
 
-Everything in it is a tensor or a builtin, so ``torch.load(weights_only=True)`` reads it (numpy's RNG state is
-stored as a tensor plus ints: STACK-NOTES C1). Files are written to a temporary name in the same directory and
-renamed with ``os.replace``, so a crash mid-write never leaves a truncated ``last.pt``.
+Everything in it is a tensor or a builtin, so ``torch.load(weights_only=True)`` reads it: that loader refuses
+numpy arrays, so numpy's RNG state is stored as a tensor plus ints. Files are written to a temporary name in the same
+directory and renamed with ``os.replace``, so a crash mid-write never leaves a truncated ``last.pt``. A run keeps
+``OUTPUT/checkpoints/step_XXXXXXXX.pt`` files (the newest :data:`KEEP_STEP_FILES`) and ``last.pt``, a hard link to
+the newest.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from sslrun.core.config import ExperimentConfig
 from sslrun.core.errors import CheckpointError, ConfigError
@@ -35,16 +38,29 @@ from sslrun.core.files import atomic_path
 
 __all__ = [
     "FORMAT",
+    "KEEP_STEP_FILES",
     "capture_rng",
     "check_compatible",
     "checkpoint_config",
+    "checkpoint_dir",
+    "gather_rng",
     "load_checkpoint",
+    "restore_rank_rng",
     "restore_rng",
     "save_checkpoint",
+    "seed_all",
+    "write_step_checkpoint",
 ]
 
 FORMAT = "sslrun-checkpoint/1"
 REQUIRED_KEYS = ("config", "model", "step")
+#: Step files kept in OUTPUT/checkpoints besides last.pt (older ones are deleted as new ones are written).
+KEEP_STEP_FILES = 3
+
+
+def checkpoint_dir(cfg: ExperimentConfig) -> Path:
+    """``OUTPUT/checkpoints``."""
+    return Path(cfg.output).expanduser() / "checkpoints"
 
 
 def save_checkpoint(state: dict[str, Any], path: Path, also: Path | None = None) -> Path:
@@ -62,6 +78,19 @@ def save_checkpoint(state: dict[str, Any], path: Path, also: Path | None = None)
                 os.link(path, tmp_also)
             except OSError:
                 shutil.copyfile(path, tmp_also)
+    return path
+
+
+def write_step_checkpoint(state: dict[str, Any], directory: Path, step: int) -> Path:
+    """``directory/step_<step>.pt`` and ``last.pt`` pointing at it; step files beyond the newest
+    :data:`KEEP_STEP_FILES` are deleted.
+
+    Returns:
+        The step file.
+    """
+    path = save_checkpoint(state, directory / f"step_{step:08d}.pt", also=directory / "last.pt")
+    for old in sorted(directory.glob("step_*.pt"))[:-KEEP_STEP_FILES]:
+        old.unlink(missing_ok=True)
     return path
 
 
@@ -161,6 +190,36 @@ def restore_rng(state: dict[str, Any]) -> None:
                 torch.cuda.set_rng_state_all(cuda_states)
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"the RNG state in the checkpoint is malformed ({exc}); it cannot be resumed") from exc
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators (torch's call also seeds every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def gather_rng(world: int) -> dict[str, Any]:
+    """Every rank's RNG states for a checkpoint: ``{"world_size", "ranks"}`` (a collective under DDP)."""
+    mine = capture_rng()
+    states: list[Any] = [mine]
+    if world > 1:
+        states = [None] * world
+        dist.all_gather_object(states, mine)
+    return {"world_size": world, "ranks": states}
+
+
+def restore_rank_rng(rng: dict[str, Any], rank: int, world: int, reseed: int) -> None:
+    """Continue this rank's generators from a checkpoint's :func:`gather_rng` states.
+
+    Written with another world size, the states do not map onto the ranks: the generators are seeded from
+    ``reseed`` instead (the data order stays exact, since it depends only on seed, epoch and batch).
+    """
+    ranks = rng.get("ranks", [])
+    if rng.get("world_size") == world and len(ranks) == world:
+        restore_rng(ranks[rank])
+    else:
+        seed_all(reseed)
 
 
 def _to_tuples(x: Any) -> Any:

@@ -4,28 +4,37 @@ Every ``log.knn_every`` epochs the current encoder (``method.encoder``) embeds t
 and query split (``Dataset.eval_splits``, each capped at ``log.knn_max_samples``) and a weighted cosine kNN
 (Wu et al. 2018; k=200, T=0.1 as in DINO's eval_knn) classifies the queries. The encoder runs in eval mode under
 ``no_grad`` and is put back in train mode afterwards; the feature bank is freed as soon as the accuracy is known,
-and the seconds it took are logged beside it, so the monitor's cost is visible (USERS.md #6).
+and the seconds it took are logged beside it, so the monitor's cost is visible next to the training time it takes.
 
-The two :class:`~sslrun.core.data.loader.EvalLoader` objects are built on first use and kept for the rest of the run:
-each new FFCV loader pays its numba JIT again (STACK-NOTES A3i). Under DDP only rank 0 evaluates; the trainer
-broadcasts the result, which doubles as the barrier the other ranks wait at.
+The two :class:`~sslrun.core.data.eval_loader.EvalLoader` objects are built on first use and kept for the rest of
+the run: each new FFCV loader compiles its pipeline with numba again (seconds, every time). :class:`KnnMonitor` is
+the training callback: under DDP only rank 0 evaluates and broadcasts the result, which doubles as the barrier the
+other ranks wait at.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from sslrun.core.config import DataCfg
+from sslrun.core.errors import TrainingError
+from sslrun.core.plugins import resolve
+from sslrun.core.train.build import Run, prepare_for_ranks
+from sslrun.core.train.callbacks import Loop, TrainHooks
 from sslrun.core.train.checkpoint import capture_rng, restore_rng
 from sslrun.core.train.knn import knn_accuracy
 
-__all__ = ["OnlineKnn"]
+__all__ = ["KnnMonitor", "OnlineKnn"]
+
+log = logging.getLogger(__name__)
 
 #: Images per batch when embedding the bank and queries (no gradients, so larger than training batches is fine).
 EVAL_BATCH = 256
@@ -66,8 +75,9 @@ class OnlineKnn:
         self._num_classes: int | None = None
 
     def _build(self) -> list[Any]:
-        from sslrun.core.data.beton import ensure_prepared, verify_beton
-        from sslrun.core.data.loader import EvalLoader
+        from sslrun.core.data.cache import ensure_prepared
+        from sslrun.core.data.eval_loader import EvalLoader
+        from sslrun.core.data.format import verify_beton
 
         loaders = []
         for split in self.eval_splits:
@@ -137,3 +147,79 @@ class OnlineKnn:
             if close is not None:
                 close()
         self._loaders = None
+
+
+class KnnMonitor(TrainHooks):
+    """The online kNN monitor as a training callback: every ``log.knn_every`` epochs, and once more at the end of
+    a run cut short by ``schedule.max_steps`` (so it still reports where its features stand).
+
+    Built on every rank before the loop: the first rank of each node prepares the labelled splits. A dataset
+    without labelled splits gets a note in TensorBoard's text tab instead.
+    """
+
+    def __init__(self, run: Run) -> None:
+        cfg = run.cfg
+        self.every = cfg.log.knn_every
+        self.note: str | None = None
+        self.knn: OnlineKnn | None = None
+        self.enabled = False
+        self._last_step = -1
+        if self.every <= 0:
+            return
+        splits = resolve.build_dataset(cfg).eval_splits
+        if not splits:
+            self.note = f"online kNN monitor off: dataset {cfg.data.dataset!r} has no labelled splits"
+            return
+        for split in splits:
+            prepare_for_ranks(cfg, split, run.device)
+        if run.rank == 0:
+            self.knn = OnlineKnn(
+                cfg.data,
+                tuple(splits),  # type: ignore[arg-type]
+                run.device,
+                k=cfg.log.knn_k,
+                t=cfg.log.knn_t,
+                max_samples=cfg.log.knn_max_samples,
+                bf16=run.bf16 and run.device.type == "cuda",
+            )
+        self.enabled = True
+
+    def on_train_start(self, loop: Loop) -> None:
+        if self.note:
+            loop.monitor.text("notes", self.note, loop.state.step)
+
+    def on_epoch_end(self, loop: Loop, seconds: float) -> None:
+        if self.enabled and loop.state.epoch % self.every == 0:
+            self._evaluate(loop)
+
+    def on_train_end(self, loop: Loop) -> None:
+        state = loop.state
+        ran = state.step > state.start_step
+        if self.enabled and ran and not state.stop_requested and self._last_step != state.step:
+            self._evaluate(loop)
+
+    def close(self) -> None:
+        """Release the evaluation loaders."""
+        if self.knn is not None:
+            self.knn.close()
+
+    def _evaluate(self, loop: Loop) -> None:
+        """Rank 0 evaluates; the others wait in the broadcast of its result (which is the barrier)."""
+        run = loop.run
+        result = torch.zeros(4, device=run.device)
+        if self.knn is not None:
+            try:
+                r = self.knn.evaluate(run.method.encoder)
+                result = torch.tensor([1.0, r["knn/top1"], r["knn/top5"], r["knn/time_s"]], device=run.device)
+            except Exception as exc:
+                if run.world == 1:
+                    raise
+                log.error("online kNN failed on rank 0: %s", exc)
+        if run.world > 1:
+            dist.broadcast(result, src=0)
+        ok, top1, top5, secs = result.tolist()
+        if ok == 0:
+            raise TrainingError("the online kNN monitor failed on rank 0 (see its error above); set log.knn_every=0")
+        self._last_step = loop.state.step
+        loop.emit({"knn/top1": top1, "knn/top5": top5, "knn/time_s": secs})
+        loop.monitor.echo(f"epoch {loop.state.epoch}: kNN top-1 {top1:.2f}% (top-5 {top5:.2f}%, {secs:.1f} s)")

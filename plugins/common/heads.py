@@ -1,8 +1,14 @@
-"""Projection and prediction heads of the built-in methods (lightly-style building blocks).
+"""Projection and prediction heads of the built-in methods and pretext tasks (lightly-style building blocks).
 
-Each head is an MLP of ``(Linear, optional BatchNorm1d, optional activation)`` blocks, with the layer sizes, norms
-and biases of the paper's official code. Widths are constructor arguments with the paper's defaults; the methods
-take them from their ``Config`` so tests and CPU runs can shrink them.
+The methods' heads are MLPs of ``(Linear, optional BatchNorm1d, optional activation)`` blocks, with the layer
+sizes, norms and biases of the paper's official code. Widths are constructor arguments with the paper's defaults;
+the methods take them from their ``Config`` so tests and CPU runs can shrink them. The pretext tasks' heads are a
+classifier (:class:`ClassifierHead`) and a vector-to-image decoder (:class:`ConvDecoder`).
+
+Example:
+    >>> head = SimCLRProjectionHead(in_dim=512)  # 512 -> 2048 -> 128
+    >>> head(torch.zeros(4, 512)).shape
+    torch.Size([4, 128])
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ __all__ = [
     "BYOLPredictionHead",
     "BYOLProjectionHead",
     "BarlowTwinsProjectionHead",
+    "ClassifierHead",
+    "ConvDecoder",
     "DINOProjectionHead",
     "MoCoV2ProjectionHead",
     "NormedLinear",
@@ -25,7 +33,6 @@ __all__ = [
     "SimCLRProjectionHead",
     "SimSiamPredictionHead",
     "SimSiamProjectionHead",
-    "VICRegProjectionHead",
 ]
 
 #: One block: (in_dim, out_dim, batch norm or None, activation or None).
@@ -104,22 +111,8 @@ class BYOLPredictionHead(BYOLProjectionHead):
 
 class BarlowTwinsProjectionHead(ProjectionHead):
     """Barlow Twins' projector (Zbontar et al. 2021, section 3): three linear layers of 8192 units, the first two
-    followed by BN and ReLU. The official code uses no bias anywhere."""
-
-    def __init__(self, in_dim: int, hidden_dim: int = 8192, out_dim: int = 8192) -> None:
-        super().__init__(
-            [
-                (in_dim, hidden_dim, nn.BatchNorm1d(hidden_dim), nn.ReLU()),
-                (hidden_dim, hidden_dim, nn.BatchNorm1d(hidden_dim), nn.ReLU()),
-                (hidden_dim, out_dim, None, None),
-            ],
-            last_bias=False,
-        )
-
-
-class VICRegProjectionHead(ProjectionHead):
-    """VICReg's expander (Bardes et al. 2022, section 4.1): ``8192-8192-8192``, BN + ReLU after the first two
-    layers, no bias on the last (official code)."""
+    followed by BN and ReLU, no bias anywhere (official code). VICReg's expander (Bardes et al. 2022, section 4.1)
+    is the same network, so VICReg uses this class too."""
 
     def __init__(self, in_dim: int, hidden_dim: int = 8192, out_dim: int = 8192) -> None:
         super().__init__(
@@ -240,3 +233,86 @@ class DINOProjectionHead(nn.Module):
         """``(N, in_dim) -> (N, out_dim)`` logits; ``last_layer_grad_gate`` as in :meth:`NormedLinear.forward`."""
         x = F.normalize(self.mlp(x), dim=-1)
         return self.last_layer(x, last_layer_grad_gate)
+
+
+class ClassifierHead(nn.Module):
+    """``(N, in_dim) -> (N, num_classes)`` logits: ``Linear-BN-ReLU-Linear``, or one ``Linear`` if
+    ``hidden_dim == 0`` (the pretext classifiers: 4 rotations, the jigsaw permutations).
+
+    Args:
+        in_dim: feature dimension.
+        num_classes: number of classes.
+        hidden_dim: width of the hidden layer; 0 for a linear classifier.
+    """
+
+    def __init__(self, in_dim: int, num_classes: int, hidden_dim: int = 512) -> None:
+        super().__init__()
+        if hidden_dim > 0:
+            self.net: nn.Module = nn.Sequential(
+                nn.Linear(in_dim, hidden_dim, bias=False),
+                nn.BatchNorm1d(hidden_dim),
+                nn.ReLU(inplace=True),
+                nn.Linear(hidden_dim, num_classes),
+            )
+        else:
+            self.net = nn.Linear(in_dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _decoder_geometry(out_size: int) -> tuple[int, int]:
+    """``(start side, number of 2x upsamplings)``: start between 4 and 8 px and double up to ``out_size`` exactly
+    when it is ``s * 2**k`` (28 = 7 * 4, 32 = 4 * 8, 96 = 6 * 16, 224 = 7 * 32); otherwise overshoot slightly and
+    resize the last map."""
+    if out_size <= 4:
+        return out_size, 0
+    n_up = int(math.floor(math.log2(out_size / 4)))
+    return math.ceil(out_size / 2**n_up), n_up
+
+
+class ConvDecoder(nn.Module):
+    """Feature vector -> image: ``Linear -> (C, s, s) -> [ConvTranspose(4, stride 2) - BN - ReLU] x k -> Conv3x3``.
+
+    The head of the dense pretext tasks (colorization, inpainting, autoencoder). They only get the encoder's pooled
+    ``(N, D)`` feature vector, so their head must produce an image from a vector: this is the fully-connected
+    bottleneck then up-convolution decoder of context encoders (Pathak et al. 2016, section 3.1) and of DCGAN's
+    generator. Because the whole image must pass through the feature vector, these tasks train the *encoder* to
+    summarise the image, which is what the representation is evaluated on.
+
+    Args:
+        in_dim: feature dimension.
+        out_channels: channels of the output map (3 for RGB, 2 for ab, Q for colour classes).
+        out_size: side of the output map.
+        channels: channels after the fully-connected layer; halved at every upsampling, down to 32.
+
+    Shape:
+        ``(N, in_dim) -> (N, out_channels, out_size, out_size)``; no output activation (targets are
+        normalised, i.e. unbounded).
+    """
+
+    def __init__(self, in_dim: int, out_channels: int, out_size: int, channels: int = 128) -> None:
+        super().__init__()
+        start, n_up = _decoder_geometry(out_size)
+        self.out_size = out_size
+        self.start, self.channels = start, channels
+        self.fc = nn.Sequential(nn.Linear(in_dim, channels * start * start), nn.ReLU(inplace=True))
+        layers: list[nn.Module] = []
+        c = channels
+        for _ in range(n_up):
+            c_out = max(c // 2, 32)
+            layers += [
+                nn.ConvTranspose2d(c, c_out, kernel_size=4, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True),
+            ]
+            c = c_out
+        layers.append(nn.Conv2d(c, out_channels, kernel_size=3, padding=1))
+        self.up = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x).view(x.shape[0], self.channels, self.start, self.start)  # (N, C, s, s)
+        y = self.up(y)  # (N, out, s * 2**k, s * 2**k)
+        if y.shape[-1] != self.out_size:
+            y = F.interpolate(y, size=(self.out_size, self.out_size), mode="bilinear", align_corners=False)
+        return y

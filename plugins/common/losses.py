@@ -1,4 +1,5 @@
-"""Self-supervised losses as pure, separately tested units (one paper, one function or module).
+"""Self-supervised losses as pure, separately tested units (one paper, one function or module), plus the masked
+reconstruction error and the top-1 accuracy the pretext tasks use.
 
 Every loss here computes in float32 even under bf16/fp16 autocast: softmaxes at temperature 0.04-0.2, cosine
 similarities and covariance matrices lose too much in 8 mantissa bits. float64 inputs stay float64 (tests).
@@ -25,9 +26,11 @@ from sslrun.core.distributed import all_reduce_mean, gather_with_grad, rank, wor
 
 __all__ = [
     "DINOLoss",
+    "accuracy",
     "barlow_twins_loss",
     "byol_loss",
     "info_nce_loss",
+    "masked_mse",
     "negative_cosine_similarity",
     "nt_xent_loss",
     "off_diagonal",
@@ -347,3 +350,23 @@ def _dino_forward(
     if update_center:
         loss.update_center(teacher_out)
     return total / pairs
+
+
+@_full_precision
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the masked pixels only: ``sum(M * (pred - target)^2) / (C * sum(M))`` (the
+    reconstruction loss of context encoders, Pathak et al. 2016, eq. 1).
+
+    Args:
+        pred: ``(N, C, H, W)``.
+        target: ``(N, C, H, W)``.
+        mask: ``(N, 1, H, W)``, 1 where the loss counts.
+    """
+    mask = mask.to(pred.dtype)
+    sq = (pred - target).pow(2) * mask
+    return sq.sum() / (mask.sum() * pred.shape[1]).clamp_min(1.0)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Top-1 accuracy of ``logits (N, C)`` against ``labels (N,)``, as a float tensor (a metric to log)."""
+    return (logits.argmax(dim=1) == labels).float().mean()

@@ -16,7 +16,7 @@ import numpy as np
 
 from sslrun.core.errors import ConfigError, DataError
 from sslrun.core.interfaces import Dataset, DatasetInfo
-from sslrun.plugins.datasets._common import ArraySplit, locate_or_download, restricted_pickle_load
+from sslrun.plugins.common.readers import ArraySplit, locate_or_download, restricted_pickle_load
 
 __all__ = ["CIFAR10", "CIFAR100"]
 
@@ -48,7 +48,6 @@ class CIFAR10(Dataset):
         (10000, (32, 32, 3))
     """
 
-    name: ClassVar[str] = "cifar10"
     splits: ClassVar[tuple[str, ...]] = ("train", "test")
     eval_splits: ClassVar[tuple[str, str] | None] = ("train", "test")
     _folder: ClassVar[str] = "cifar-10-batches-py"
@@ -98,7 +97,6 @@ class CIFAR10(Dataset):
 class CIFAR100(CIFAR10):
     """CIFAR-100: 32x32 RGB, 100 fine classes (or 20 coarse superclasses with ``label_type="coarse"``)."""
 
-    name: ClassVar[str] = "cifar100"
     _folder: ClassVar[str] = "cifar-100-python"
     _files: ClassVar[dict[str, tuple[str, ...]]] = {"train": ("train",), "test": ("test",)}
     _tv_class: ClassVar[str] = "CIFAR100"

@@ -14,7 +14,7 @@ from typing import ClassVar
 
 from sslrun.core.errors import ConfigError, DataError
 from sslrun.core.interfaces import Dataset, DatasetInfo
-from sslrun.plugins.datasets._common import ArraySplit, locate_or_download, read_idx, resolve_file
+from sslrun.plugins.common.readers import ArraySplit, locate_or_download, read_idx, resolve_file
 
 __all__ = ["FashionMNIST"]
 
@@ -34,7 +34,6 @@ class FashionMNIST(Dataset):
         >>> img, label = ds.open_split("train")[0]  # (28, 28, 3) uint8, 9 ("ankle boot")
     """
 
-    name: ClassVar[str] = "fashion-mnist"
     splits: ClassVar[tuple[str, ...]] = ("train", "test")
     eval_splits: ClassVar[tuple[str, str] | None] = ("train", "test")
 

@@ -146,7 +146,6 @@ class ImageFolder(Dataset):
         >>> img, label = ds.open_split("train")[0]  # (96, 96, 3) uint8, -1 for a flat folder
     """
 
-    name: ClassVar[str] = "imagefolder"
     splits: ClassVar[tuple[str, ...]] = ("train", "test")
     eval_splits: ClassVar[tuple[str, str] | None] = ("train", "test")
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from sslrun.core.errors import ConfigError, DataError
 from sslrun.core.interfaces import Dataset, DatasetInfo
-from sslrun.plugins.datasets._common import ArraySplit, ConcatSplit, locate_or_download
+from sslrun.plugins.common.readers import ArraySplit, ConcatSplit, locate_or_download
 
 __all__ = ["STL10"]
 
@@ -59,7 +59,6 @@ class STL10(Dataset):
         ((96, 96, 3), 1)
     """
 
-    name: ClassVar[str] = "stl10"
     # The standard SSL protocol pretrains on train + unlabelled and evaluates on train -> test.
     splits: ClassVar[tuple[str, ...]] = ("train+unlabeled", "train", "test", "unlabeled")
     eval_splits: ClassVar[tuple[str, str] | None] = ("train", "test")

@@ -79,7 +79,6 @@ class Synthetic(Dataset):
         ((32, 32, 3), 3)
     """
 
-    name: ClassVar[str] = "synthetic"
     splits: ClassVar[tuple[str, ...]] = ("train", "test")
     eval_splits: ClassVar[tuple[str, str] | None] = ("train", "test")
 

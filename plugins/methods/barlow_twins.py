@@ -12,7 +12,7 @@ from sslrun.core.errors import ConfigError
 from sslrun.core.interfaces import Method, ViewSpec
 from sslrun.plugins.common.heads import BarlowTwinsProjectionHead
 from sslrun.plugins.common.losses import barlow_twins_loss
-from sslrun.plugins.methods._views import byol_views
+from sslrun.plugins.common.views import byol_views
 
 __all__ = ["BarlowTwins", "BarlowTwinsConfig"]
 
@@ -48,7 +48,6 @@ class BarlowTwins(Method):
         cfg: :class:`BarlowTwinsConfig`.
     """
 
-    name = "barlow_twins"
     Config = BarlowTwinsConfig
     # The paper's optimiser (section 4: LARS, lr 0.2 per 256 for the weights, weight decay 1.5e-6; the paper's
     # separate 0.0048 bias lr is not modelled: biases and norms skip LARS's adaptation and weight decay instead).

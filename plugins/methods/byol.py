@@ -13,7 +13,7 @@ from sslrun.core.interfaces import Method, ViewSpec
 from sslrun.plugins.common.ema import frozen_copy, update_momentum
 from sslrun.plugins.common.heads import BYOLPredictionHead, BYOLProjectionHead
 from sslrun.plugins.common.losses import byol_loss
-from sslrun.plugins.methods._views import byol_views
+from sslrun.plugins.common.views import byol_views
 
 __all__ = ["BYOL", "BYOLConfig"]
 
@@ -53,7 +53,6 @@ class BYOL(Method):
         cfg: :class:`BYOLConfig`.
     """
 
-    name = "byol"
     Config = BYOLConfig
 
     def __init__(self, encoder: nn.Module, cfg: BYOLConfig) -> None:

@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from sslrun.core.errors import ConfigError
-from sslrun.core.interfaces import Method, ViewSpec
+from sslrun.core.interfaces import Method, SetupContext, ViewSpec
 from sslrun.plugins.common.ema import frozen_copy, update_momentum
 from sslrun.plugins.common.heads import DINOProjectionHead
 from sslrun.plugins.common.losses import DINOLoss
-from sslrun.plugins.methods._views import for_image_size
+from sslrun.plugins.common.views import for_image_size
 
 __all__ = ["DINO", "DINOConfig"]
 
@@ -32,13 +32,13 @@ class DINOConfig:
     norm_last_layer: bool = True
     # Student temperature tau_s.
     student_temp: float = 0.1
-    # Teacher temperature tau_t: linear warm-up from 0.04 to 0.07 (section 4: "during the first 30 epochs").
-    # The method cannot know the number of steps per epoch, so the warm-up is in optimiser steps, counted in a
-    # buffer (it survives checkpoint/resume). 30 ImageNet epochs at batch 1024 are 37,530 steps; the default of
-    # 1000 steps is about 4 epochs of Fashion-MNIST or CIFAR at batch 256.
+    # Teacher temperature tau_t: linear warm-up from 0.04 to 0.07 during the first 30 epochs (section 4 and
+    # appendix). Given in epochs, as in the paper; setup() turns it into optimiser steps for the run's batch size.
+    # teacher_temp_warmup_steps, when set, gives the warm-up in steps instead (and wins over the epochs).
     warmup_teacher_temp: float = 0.04
     teacher_temp: float = 0.07
-    teacher_temp_warmup_steps: int = 1000
+    teacher_temp_warmup_epochs: float = 30.0
+    teacher_temp_warmup_steps: int | None = None
     # Centre EMA rate m (eq. 4).
     center_momentum: float = 0.9
     # Teacher EMA rate lambda: cosine from 0.996 to 1 (section 3.1). main_dino.py suggests 0.9995 at batch 256.
@@ -51,17 +51,25 @@ class DINOConfig:
     global_crops_scale: tuple[float, float] = (0.4, 1.0)
     local_crops_scale: tuple[float, float] = (0.05, 0.4)
     local_crop_size: int | None = None  # None = round(image_size * 96 / 224)
-    # Keep the head's last layer fixed during the first steps (main_dino.py: 1 epoch, "helps training"). In
-    # optimiser steps for the same reason as the warm-up; 1 ImageNet epoch at batch 1024 is 1251 steps.
-    freeze_last_layer_steps: int = 100
+    # Keep the head's last layer fixed during the first epoch (main_dino.py: "helps training");
+    # freeze_last_layer_steps, when set, gives the period in steps instead.
+    freeze_last_layer_epochs: float = 1.0
+    freeze_last_layer_steps: int | None = None
 
     def __post_init__(self) -> None:
         if min(self.out_dim, self.hidden_dim, self.bottleneck_dim) < 1:
             raise ConfigError("dino: out_dim, hidden_dim and bottleneck_dim must be >= 1")
         if min(self.student_temp, self.warmup_teacher_temp, self.teacher_temp) <= 0:
             raise ConfigError("dino: student_temp, warmup_teacher_temp and teacher_temp must be > 0")
-        if self.teacher_temp_warmup_steps < 0 or self.freeze_last_layer_steps < 0:
-            raise ConfigError("dino: teacher_temp_warmup_steps and freeze_last_layer_steps must be >= 0")
+        for key in (
+            "teacher_temp_warmup_epochs",
+            "teacher_temp_warmup_steps",
+            "freeze_last_layer_epochs",
+            "freeze_last_layer_steps",
+        ):
+            value = getattr(self, key)
+            if value is not None and value < 0:
+                raise ConfigError(f"dino: {key} must be >= 0, got {value}")
         for key in ("center_momentum", "momentum_teacher", "momentum_teacher_final"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"dino: {key} must be in [0, 1], got {getattr(self, key)}")
@@ -85,14 +93,15 @@ class DINO(Method):
 
     ``step_count`` (a buffer, so it is checkpointed) counts optimiser steps through :meth:`on_after_step`; the
     teacher temperature warm-up and the frozen-last-layer period are functions of it, computed on the device
-    without host synchronisation. Logged: ``teacher_temp``.
+    without host synchronisation. Both are configured in epochs and turned into steps by :meth:`setup`; a DINO
+    that is driven by hand without :meth:`setup` uses only the ``*_steps`` settings (the epoch-based periods count
+    as 0 steps until it knows the epoch length). Logged: ``teacher_temp``.
 
     Args:
         encoder: backbone with ``output_dim`` (it must accept the local crops' smaller resolution: global pooling).
         cfg: :class:`DINOConfig`.
     """
 
-    name = "dino"
     Config = DINOConfig
 
     step_count: torch.Tensor
@@ -111,6 +120,15 @@ class DINO(Method):
         self.teacher_head = frozen_copy(self.head)
         self.criterion = DINOLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum)
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
+        self.warmup_steps = cfg.teacher_temp_warmup_steps or 0
+        self.freeze_steps = cfg.freeze_last_layer_steps or 0
+
+    def setup(self, ctx: SetupContext) -> None:
+        """Turn the epoch-based warm-up and frozen-last-layer period into optimiser steps of this run (a
+        ``*_steps`` setting wins over its ``*_epochs``). Idempotent; called again on resume."""
+        cfg = self.cfg
+        self.warmup_steps = _in_steps(cfg.teacher_temp_warmup_steps, cfg.teacher_temp_warmup_epochs, ctx)
+        self.freeze_steps = _in_steps(cfg.freeze_last_layer_steps, cfg.freeze_last_layer_epochs, ctx)
 
     @classmethod
     def view_specs(cls, cfg: DINOConfig, image_size: int) -> list[ViewSpec]:
@@ -142,11 +160,11 @@ class DINO(Method):
 
     def teacher_temperature(self) -> torch.Tensor:
         """``tau_t`` for the current step: linear from ``warmup_teacher_temp`` to ``teacher_temp`` over
-        ``teacher_temp_warmup_steps``, then constant (a 0-d tensor on the buffer's device)."""
+        the warm-up steps, then constant (a 0-d tensor on the buffer's device)."""
         cfg = self.cfg
-        if cfg.teacher_temp_warmup_steps == 0:
+        if self.warmup_steps == 0:
             return torch.tensor(cfg.teacher_temp, device=self.step_count.device)
-        frac = (self.step_count.float() / cfg.teacher_temp_warmup_steps).clamp(max=1.0)
+        frac = (self.step_count.float() / self.warmup_steps).clamp(max=1.0)
         return cfg.warmup_teacher_temp + (cfg.teacher_temp - cfg.warmup_teacher_temp) * frac
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -154,13 +172,18 @@ class DINO(Method):
         if len(views) < 2:
             raise ValueError(f"dino needs the 2 global views first, got {len(views)} view(s)")
         # 0 while the last layer is frozen, 1 afterwards: gates its gradient without a host sync
-        gate = (self.step_count >= self.cfg.freeze_last_layer_steps).float()
+        gate = (self.step_count >= self.freeze_steps).float()
         student_out = _multicrop(self.encoder, lambda f: self.head(f, gate), views)
         with torch.no_grad():
             teacher_out = _multicrop(self.teacher_encoder, self.teacher_head, views[:2])
         temp = self.teacher_temperature()
         loss = self.criterion(student_out, teacher_out, temp)
         return {"loss": loss, "teacher_temp": temp.detach()}
+
+
+def _in_steps(steps: int | None, epochs: float, ctx: SetupContext) -> int:
+    """``steps`` if given, else ``epochs`` of this run in optimiser steps (rounded)."""
+    return steps if steps is not None else round(epochs * ctx.steps_per_epoch)
 
 
 def _multicrop(

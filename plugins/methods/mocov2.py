@@ -17,7 +17,7 @@ from sslrun.core.interfaces import Method, ViewSpec
 from sslrun.plugins.common.ema import frozen_copy, update_momentum
 from sslrun.plugins.common.heads import MoCoV2ProjectionHead
 from sslrun.plugins.common.losses import info_nce_loss
-from sslrun.plugins.methods._views import for_image_size
+from sslrun.plugins.common.views import for_image_size
 
 __all__ = ["MoCoV2", "MoCoV2Config"]
 
@@ -79,7 +79,6 @@ class MoCoV2(Method):
         cfg: :class:`MoCoV2Config`.
     """
 
-    name = "mocov2"
     Config = MoCoV2Config
 
     queue: torch.Tensor

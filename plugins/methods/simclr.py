@@ -11,7 +11,7 @@ from sslrun.core.errors import ConfigError
 from sslrun.core.interfaces import Method, ViewSpec
 from sslrun.plugins.common.heads import SimCLRProjectionHead
 from sslrun.plugins.common.losses import nt_xent_loss
-from sslrun.plugins.methods._views import SMALL_IMAGE, for_image_size
+from sslrun.plugins.common.views import SMALL_IMAGE, for_image_size
 
 __all__ = ["SimCLR", "SimCLRConfig"]
 
@@ -52,7 +52,6 @@ class SimCLR(Method):
         cfg: :class:`SimCLRConfig`.
     """
 
-    name = "simclr"
     Config = SimCLRConfig
 
     def __init__(self, encoder: torch.nn.Module, cfg: SimCLRConfig) -> None:

@@ -14,7 +14,7 @@ from sslrun.core.errors import ConfigError
 from sslrun.core.interfaces import Method, ViewSpec
 from sslrun.plugins.common.heads import SimSiamPredictionHead, SimSiamProjectionHead
 from sslrun.plugins.common.losses import negative_cosine_similarity
-from sslrun.plugins.methods._views import for_image_size
+from sslrun.plugins.common.views import for_image_size
 
 __all__ = ["SimSiam", "SimSiamConfig"]
 
@@ -50,7 +50,6 @@ class SimSiam(Method):
         cfg: :class:`SimSiamConfig`.
     """
 
-    name = "simsiam"
     Config = SimSiamConfig
 
     def __init__(self, encoder: nn.Module, cfg: SimSiamConfig) -> None:

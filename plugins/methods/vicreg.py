@@ -10,9 +10,9 @@ from torch import nn
 
 from sslrun.core.errors import ConfigError
 from sslrun.core.interfaces import Method, ViewSpec
-from sslrun.plugins.common.heads import VICRegProjectionHead
+from sslrun.plugins.common.heads import BarlowTwinsProjectionHead
 from sslrun.plugins.common.losses import vicreg_loss
-from sslrun.plugins.methods._views import byol_views
+from sslrun.plugins.common.views import byol_views
 
 __all__ = ["VICReg", "VICRegConfig"]
 
@@ -49,7 +49,6 @@ class VICReg(Method):
         cfg: :class:`VICRegConfig`.
     """
 
-    name = "vicreg"
     Config = VICRegConfig
     # The paper's optimiser (section 4.1: LARS, base lr 0.2 per 256, weight decay 1e-6). With sslrun's default
     # SGD the variance/covariance terms blow up early: at lr 0.12 the loss went non-finite at step 14 on
@@ -58,7 +57,7 @@ class VICReg(Method):
 
     def __init__(self, encoder: nn.Module, cfg: VICRegConfig) -> None:
         super().__init__(encoder, cfg)
-        self.projector = VICRegProjectionHead(encoder.output_dim, cfg.hidden_dim, cfg.output_dim)
+        self.projector = BarlowTwinsProjectionHead(encoder.output_dim, cfg.hidden_dim, cfg.output_dim)
 
     @classmethod
     def view_specs(cls, cfg: VICRegConfig, image_size: int) -> list[ViewSpec]:

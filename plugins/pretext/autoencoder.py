@@ -9,15 +9,15 @@ baseline the others are compared with, and a quick sanity check of a new encoder
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sslrun.core.errors import ConfigError
-from sslrun.core.interfaces import PretextTask
-from sslrun.plugins.pretext._common import ConvDecoder
+from sslrun.core.pretext import PretextMethod
+from sslrun.plugins.common.heads import ConvDecoder
 
 __all__ = ["Autoencoder", "AutoencoderConfig"]
 
@@ -42,14 +42,13 @@ class AutoencoderConfig:
             raise ConfigError(f"method.kwargs.decoder_channels must be >= 1, got {self.decoder_channels}")
 
 
-class Autoencoder(PretextTask):
+class Autoencoder(PretextMethod):
     """Reconstruct the (clean) image from the features of a (corrupted) copy; mean squared error.
 
     ``make_inputs``: ``images`` -> ``(corrupted images, images)``, both normalised ``(N, 3, H, W)``.
     """
 
-    name: ClassVar[str] = "autoencoder"
-    Config: ClassVar[type] = AutoencoderConfig
+    Config = AutoencoderConfig
 
     def make_inputs(
         self, images: torch.Tensor, generator: torch.Generator | None = None
@@ -64,14 +63,14 @@ class Autoencoder(PretextTask):
             return images * keep, images  # 0 = the dataset mean colour in normalised space
         return images, images
 
-    def head(self, in_dim: int, image_size: int) -> nn.Module:
-        return ConvDecoder(in_dim, 3, image_size, self.cfg.decoder_channels)
+    def build_head(self, encoder: nn.Module, image_size: int) -> nn.Module:
+        return ConvDecoder(encoder.output_dim, 3, image_size, self.cfg.decoder_channels)
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Mean squared error over all pixels and channels (in float32)."""
         return F.mse_loss(pred.float(), target.float())
 
-    def visuals(
+    def visualize(
         self, images: torch.Tensor, inputs: torch.Tensor, pred: torch.Tensor, targets: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         return {

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +28,8 @@ from kornia.color import lab_to_rgb, rgb_to_lab
 from torch import nn
 
 from sslrun.core.errors import ConfigError
-from sslrun.core.interfaces import PretextTask
-from sslrun.plugins.pretext._common import ConvDecoder
+from sslrun.core.pretext import PretextMethod
+from sslrun.plugins.common.heads import ConvDecoder
 
 __all__ = [
     "Colorization",
@@ -130,7 +130,7 @@ def annealed_mean(logits: torch.Tensor, bins: torch.Tensor, temperature: float) 
     return torch.einsum("nqhw,qc->nchw", probs, bins.to(logits.device))
 
 
-class Colorization(PretextTask):
+class Colorization(PretextMethod):
     """Grayscale in, colour out.
 
     ``make_inputs``: ``images (N, 3, H, W)`` normalised -> ``(gray, target)``. ``gray`` is the grayscale image (the
@@ -139,28 +139,29 @@ class Colorization(PretextTask):
     ``"rgb"``, else the ab channels ``(N, 2, H/s, W/s)`` in Lab units (average-pooled by the output stride ``s``).
     """
 
-    name: ClassVar[str] = "colorization"
-    Config: ClassVar[type] = ColorizationConfig
-    requires_color: ClassVar[bool] = True
+    Config = ColorizationConfig
+    requires_color = True
 
-    def setup(self, encoder: nn.Module, image_size: int) -> None:
-        self.stride = self.cfg.output_stride or (1 if image_size <= 64 else 4)
-        if self.cfg.target != "rgb" and image_size % self.stride:
+    def build_head(self, encoder: nn.Module, image_size: int) -> nn.Module:
+        """A :class:`ConvDecoder` to the RGB image, or to the ab map (2 values or Q class logits per pixel) at
+        ``1 / output_stride`` of the image size."""
+        cfg = self.cfg
+        self.stride = cfg.output_stride or (1 if image_size <= 64 else 4)
+        self._bins: dict[torch.device, torch.Tensor] = {}
+        if cfg.target == "rgb":
+            return ConvDecoder(encoder.output_dim, 3, image_size, cfg.decoder_channels)
+        if image_size % self.stride:
             raise ConfigError(
                 f"colorization: image size {image_size} is not divisible by method.kwargs.output_stride={self.stride}"
             )
-
-    def _stride(self, size: int) -> int:
-        if not hasattr(self, "stride"):
-            self.setup(nn.Identity(), size)
-        return self.stride
+        out = 2 if cfg.target == "ab" else ab_bins(cfg.bin_size).shape[0]
+        return ConvDecoder(encoder.output_dim, out, image_size // self.stride, cfg.decoder_channels)
 
     def bins_on(self, device: torch.device) -> torch.Tensor:
         """The ab bin centres ``(Q, 2)`` on ``device`` (copied once per device, not every step)."""
-        cache = self.__dict__.setdefault("_bins", {})
-        if device not in cache:
-            cache[device] = ab_bins(self.cfg.bin_size).to(device)
-        return cache[device]
+        if device not in self._bins:
+            self._bins[device] = ab_bins(self.cfg.bin_size).to(device)
+        return self._bins[device]
 
     def make_inputs(
         self, images: torch.Tensor, generator: torch.Generator | None = None
@@ -174,18 +175,9 @@ class Colorization(PretextTask):
         neutral = torch.cat([lab[:, :1], torch.zeros_like(lab[:, 1:])], dim=1)
         gray = lab_to_rgb(neutral, clip=True)  # R = G = B: the grey of the same lightness
         ab = lab[:, 1:]
-        s = self._stride(images.shape[-1])
-        if s > 1:
-            ab = F.avg_pool2d(ab, s)
+        if self.stride > 1:
+            ab = F.avg_pool2d(ab, self.stride)
         return self.normalize(gray).to(images.dtype), ab
-
-    def head(self, in_dim: int, image_size: int) -> nn.Module:
-        channels = self.cfg.decoder_channels
-        if self.cfg.target == "rgb":
-            return ConvDecoder(in_dim, 3, image_size, channels)
-        out_size = image_size // self._stride(image_size)
-        out = 2 if self.cfg.target == "ab" else ab_bins(self.cfg.bin_size).shape[0]
-        return ConvDecoder(in_dim, out, out_size, channels)
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``rgb``: MSE on normalised RGB; ``ab``: MSE on ``ab / 110``; ``ab_classes``: the paper's multinomial
@@ -222,7 +214,7 @@ class Colorization(PretextTask):
         lightness = rgb_to_lab(self.denormalize(inputs.float()).clamp(0.0, 1.0))[:, :1]
         return lab_to_rgb(torch.cat([lightness, ab], dim=1), clip=True)
 
-    def visuals(
+    def visualize(
         self, images: torch.Tensor, inputs: torch.Tensor, pred: torch.Tensor, targets: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """The grayscale input, its predicted colours, and the original image."""

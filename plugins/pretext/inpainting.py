@@ -12,14 +12,15 @@ is left out: it sharpens the pictures; the features are learned through the reco
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 from torch import nn
 
 from sslrun.core.errors import ConfigError
-from sslrun.core.interfaces import PretextTask
-from sslrun.plugins.pretext._common import ConvDecoder, masked_mse
+from sslrun.core.pretext import PretextMethod
+from sslrun.plugins.common.heads import ConvDecoder
+from sslrun.plugins.common.losses import masked_mse
 
 __all__ = ["Inpainting", "InpaintingConfig"]
 
@@ -57,7 +58,7 @@ def square_masks(
     return (rows & cols).any(dim=1, keepdim=True)
 
 
-class Inpainting(PretextTask):
+class Inpainting(PretextMethod):
     """Predict the masked pixels from the rest of the image.
 
     ``make_inputs``: ``images (N, 3, H, W)`` -> ``(masked images, targets)`` where the masked region is set to 0
@@ -65,8 +66,7 @@ class Inpainting(PretextTask):
     image (channels 0-2) and the hole mask (channel 3, 1 = predict here) for the loss.
     """
 
-    name: ClassVar[str] = "inpainting"
-    Config: ClassVar[type] = InpaintingConfig
+    Config = InpaintingConfig
 
     def make_mask(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """``(N, 1, H, W)`` bool hole masks for a batch."""
@@ -90,15 +90,15 @@ class Inpainting(PretextTask):
         inputs = images.masked_fill(mask, 0.0)
         return inputs, torch.cat([images, mask.to(images.dtype)], dim=1)
 
-    def head(self, in_dim: int, image_size: int) -> nn.Module:
-        return ConvDecoder(in_dim, 3, image_size, self.cfg.decoder_channels)
+    def build_head(self, encoder: nn.Module, image_size: int) -> nn.Module:
+        return ConvDecoder(encoder.output_dim, 3, image_size, self.cfg.decoder_channels)
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Pathak et al.'s reconstruction loss ``||M * (x - F((1 - M) * x))||^2``, averaged over the hole's
         pixels and channels (in float32)."""
         return masked_mse(pred.float(), target[:, :3].float(), target[:, 3:4].float())
 
-    def visuals(
+    def visualize(
         self, images: torch.Tensor, inputs: torch.Tensor, pred: torch.Tensor, targets: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """The masked input, the input with the hole filled by the prediction, the original."""

@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -27,8 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from sslrun.core.errors import ConfigError
-from sslrun.core.interfaces import PretextTask
-from sslrun.plugins.pretext._common import ClassifierHead, accuracy, assemble_tiles
+from sslrun.core.pretext import PretextMethod
+from sslrun.plugins.common.heads import ClassifierHead
+from sslrun.plugins.common.losses import accuracy
+from sslrun.plugins.common.patches import assemble_tiles
 
 __all__ = ["Jigsaw", "JigsawConfig", "hamming_permutations"]
 
@@ -109,7 +110,7 @@ def hamming_permutations(num_tiles: int, count: int, seed: int = 0) -> np.ndarra
     return candidates[chosen].astype(np.int64)
 
 
-class Jigsaw(PretextTask):
+class Jigsaw(PretextMethod):
     """Predict which of a fixed set of permutations shuffled the tiles.
 
     ``make_inputs``: ``images (N, 3, H, W)`` -> ``tiles (N, T, 3, t, t)`` and labels ``(N,)``, where
@@ -117,10 +118,11 @@ class Jigsaw(PretextTask):
     ``unshuffled[:, perm[label]] = tiles`` recovers the original order.
     """
 
-    name: ClassVar[str] = "jigsaw"
-    Config: ClassVar[type] = JigsawConfig
+    Config = JigsawConfig
 
-    def setup(self, encoder: nn.Module, image_size: int) -> None:
+    def build_head(self, encoder: nn.Module, image_size: int) -> nn.Module:
+        """Choose the grid and the permutation set for ``image_size``; the head classifies the concatenated
+        features of all tiles."""
         self.grid = self.cfg.grid or (2 if image_size <= 64 else 3)
         total = math.factorial(self.grid**2)
         count = self.cfg.num_permutations or min(total, 100)
@@ -137,16 +139,12 @@ class Jigsaw(PretextTask):
                 f"use a smaller method.kwargs.grid or a larger tile_crop"
             )
         self.permutations = torch.from_numpy(hamming_permutations(self.grid**2, count, self.cfg.permutation_seed))
-
-    def _ensure_setup(self, image_size: int) -> None:
-        if not hasattr(self, "permutations"):  # make_inputs used on its own, without the adapter
-            self.setup(nn.Identity(), image_size)
+        return ClassifierHead(encoder.output_dim * self.grid**2, count, self.cfg.head_hidden_dim)
 
     def make_inputs(
         self, images: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        n, _, h, w = images.shape
-        self._ensure_setup(min(h, w))
+        n = images.shape[0]
         g, cell, t, dev = self.grid, self.cell, self.tile, images.device
         num_tiles = g * g
         # random top-left corner of each tile inside its cell: (N, T, 2)
@@ -168,17 +166,11 @@ class Jigsaw(PretextTask):
         shuffled = tiles[torch.arange(n, device=dev).view(n, 1), order]
         return shuffled.contiguous(), labels
 
-    def predict(
-        self, encoder: nn.Module, head: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode every tile with the shared encoder, concatenate in shuffled order, classify."""
-        n, num_tiles = inputs.shape[:2]
-        feats = encoder(inputs.flatten(0, 1))  # (N * T, D)
-        return head(feats.reshape(n, -1)), targets  # (N, T * D) -> (N, P)
-
-    def head(self, in_dim: int, image_size: int) -> nn.Module:
-        self._ensure_setup(image_size)
-        return ClassifierHead(in_dim * self.grid**2, len(self.permutations), self.cfg.head_hidden_dim)
+        n = inputs.shape[0]
+        feats = self.encoder(inputs.flatten(0, 1))  # (N * T, D)
+        return self.head(feats.reshape(n, -1)), targets  # (N, T * D) -> (N, P)
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Cross-entropy over the permutation set (in float32)."""
@@ -194,7 +186,7 @@ class Jigsaw(PretextTask):
         out[torch.arange(tiles.shape[0], device=tiles.device).view(-1, 1), order] = tiles
         return out
 
-    def visuals(
+    def visualize(
         self, images: torch.Tensor, inputs: torch.Tensor, pred: torch.Tensor, targets: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """The shuffled tiles, the tiles put back by the predicted permutation, and by the true one."""

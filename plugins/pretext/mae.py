@@ -17,15 +17,15 @@ Needs a ViT encoder: ``vit_tiny``, ``vit_small``, or any encoder plugin that off
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from torch import nn
 
 from sslrun.core.errors import ConfigError
-from sslrun.core.interfaces import PretextTask, ViewSpec
+from sslrun.core.interfaces import ViewSpec
+from sslrun.core.pretext import PretextMethod
+from sslrun.plugins.common.patches import patchify, unpatchify
 from sslrun.plugins.encoders.vit import Block, sincos_pos_embed_2d
-from sslrun.plugins.pretext._common import patchify, unpatchify
 
 __all__ = ["MAE", "MAEConfig", "MAEDecoder", "mae_loss", "random_patch_mask"]
 
@@ -120,7 +120,7 @@ class MAEDecoder(nn.Module):
         return self.pred(self.norm(x))[:, 1:]
 
 
-class MAE(PretextTask):
+class MAE(PretextMethod):
     """Masked-patch reconstruction with a ViT.
 
     ``make_inputs``: ``images (N, 3, H, W)`` -> ``(images, mask)`` with ``mask (N, L)`` bool, True = removed.
@@ -128,14 +128,15 @@ class MAE(PretextTask):
     and target pixels of the removed patches, ``(N, M, p*p*3)`` each.
     """
 
-    name: ClassVar[str] = "mae"
-    Config: ClassVar[type] = MAEConfig
+    Config = MAEConfig
 
-    def view_spec(self, image_size: int) -> ViewSpec:
+    @classmethod
+    def view_specs(cls, cfg: MAEConfig, image_size: int) -> list[ViewSpec]:
         """RandomResizedCrop(scale 0.2-1) + flip, no colour augmentation (the paper's appendix A.1)."""
-        return ViewSpec(size=image_size, scale=(0.2, 1.0), jitter_p=0.0, grayscale_p=0.0)
+        return [ViewSpec(size=image_size, scale=(0.2, 1.0), jitter_p=0.0, grayscale_p=0.0)]
 
-    def setup(self, encoder: nn.Module, image_size: int) -> None:
+    def build_head(self, encoder: nn.Module, image_size: int) -> nn.Module:
+        """Refuse encoders that are not ViTs, read the patch grid, and build the :class:`MAEDecoder`."""
         needed = ("patch_size", "patch_tokens", "forward_tokens")
         missing = [a for a in needed if not hasattr(encoder, a)]
         if missing:
@@ -151,30 +152,26 @@ class MAE(PretextTask):
             )
         self.grid = image_size // self.patch_size
         self.num_patches = self.grid**2
+        cfg = self.cfg
+        return MAEDecoder(
+            encoder.output_dim, self.grid, self.patch_size, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads
+        )
 
     def make_inputs(
         self, images: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not hasattr(self, "num_patches"):
-            raise ConfigError("mae: call setup(encoder, image_size) first (the adapter does)")
         mask = random_patch_mask(images.shape[0], self.num_patches, self.cfg.mask_ratio, generator, images.device)
         return images, mask
 
-    def head(self, in_dim: int, image_size: int) -> nn.Module:
-        cfg = self.cfg
-        return MAEDecoder(in_dim, self.grid, self.patch_size, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads)
-
-    def predict(
-        self, encoder: nn.Module, head: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mask = targets
         n = inputs.shape[0]
-        tokens = encoder.patch_tokens(inputs)  # (N, L, D), position embedding added
+        tokens = self.encoder.patch_tokens(inputs)  # (N, L, D), position embedding added
         if tokens.shape[1] != mask.shape[1]:
             raise ConfigError(f"mae: {tokens.shape[1]} patches per image but the mask has {mask.shape[1]}")
         visible = tokens[~mask].reshape(n, -1, tokens.shape[-1])  # (N, V, D), increasing patch order
-        latent = encoder.forward_tokens(visible)  # (N, 1 + V, D)
-        pred = head(latent, mask)  # (N, L, p*p*3)
+        latent = self.encoder.forward_tokens(visible)  # (N, 1 + V, D)
+        pred = self.head(latent, mask)  # (N, L, p*p*3)
         target = patch_targets(inputs, self.patch_size, self.cfg.norm_pix_loss)
         removed = int(mask[0].sum())
         return pred[mask].reshape(n, removed, -1), target[mask].reshape(n, removed, -1)
@@ -182,7 +179,7 @@ class MAE(PretextTask):
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return mae_loss(pred, target)
 
-    def visuals(
+    def visualize(
         self, images: torch.Tensor, inputs: torch.Tensor, pred: torch.Tensor, targets: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """The visible patches (removed ones blank), visible + reconstructed patches, and the original."""

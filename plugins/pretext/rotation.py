@@ -10,15 +10,15 @@ on grayscale data.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sslrun.core.errors import ConfigError
-from sslrun.core.interfaces import PretextTask
-from sslrun.plugins.pretext._common import ClassifierHead, accuracy
+from sslrun.core.pretext import PretextMethod
+from sslrun.plugins.common.heads import ClassifierHead
+from sslrun.plugins.common.losses import accuracy
 
 __all__ = ["Rotation", "RotationConfig", "rotate"]
 
@@ -49,7 +49,7 @@ def rotate(images: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class Rotation(PretextTask):
+class Rotation(PretextMethod):
     """4-way rotation classification.
 
     ``make_inputs``: ``images (N, 3, H, W)`` -> rotated images and labels ``k`` (rotation ``k * 90`` degrees
@@ -57,8 +57,7 @@ class Rotation(PretextTask):
     to each other (labels ``0, 1, 2, 3, 0, 1, ...``); otherwise one random rotation per image.
     """
 
-    name: ClassVar[str] = "rotation"
-    Config: ClassVar[type] = RotationConfig
+    Config = RotationConfig
 
     def make_inputs(
         self, images: torch.Tensor, generator: torch.Generator | None = None
@@ -73,8 +72,8 @@ class Rotation(PretextTask):
         labels = torch.randint(NUM_ROTATIONS, (n,), generator=generator, device=images.device)
         return rotate(images, labels), labels
 
-    def head(self, in_dim: int, image_size: int) -> nn.Module:
-        return ClassifierHead(in_dim, NUM_ROTATIONS, self.cfg.head_hidden_dim)
+    def build_head(self, encoder: nn.Module, image_size: int) -> nn.Module:
+        return ClassifierHead(encoder.output_dim, NUM_ROTATIONS, self.cfg.head_hidden_dim)
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the rotation logits ``(N, 4)`` against the labels ``(N,)`` (in float32)."""
@@ -83,7 +82,7 @@ class Rotation(PretextTask):
     def metrics(self, pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"acc": accuracy(pred, target)}
 
-    def visuals(
+    def visualize(
         self, images: torch.Tensor, inputs: torch.Tensor, pred: torch.Tensor, targets: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """Rotated input; the input turned back by the *predicted* angle; turned back by the true angle."""

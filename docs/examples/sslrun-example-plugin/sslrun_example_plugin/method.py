@@ -26,7 +26,6 @@ class AlignUniformConfig:
 class AlignUniform(Method):
     """Two views, a linear projection to the unit sphere, align + uniform loss."""
 
-    name = "example_align"
     Config = AlignUniformConfig
 
     def __init__(self, encoder: nn.Module, cfg: AlignUniformConfig) -> None:

@@ -1,10 +1,18 @@
-"""Augmentation sets shared by the built-in methods (the views their papers train on).
+"""View recipes (:class:`~sslrun.core.interfaces.ViewSpec` lists) shared by the built-in methods: the views their
+papers train on, and their adaptation to small images.
 
 Small images (<= 64 px: Fashion-MNIST, CIFAR) get the changes SimCLR made for CIFAR-10 (Chen et al. 2020,
 appendix B.9): **no gaussian blur** (at 28-32 px a blur with a kernel of 10% of the side wipes out the little
 detail there is). The crop scale's lower bound is raised to 0.2 (MoCo v2 and SimSiam use 0.2 everywhere): an 8%
 crop of a 28 px image is an 8x8 patch, which holds too little of the object to be a plausible view of it (the
 loader upsamples bilinearly, so this is about content, not interpolation artefacts).
+
+Example:
+    >>> v1, v2 = byol_views(224)  # BYOL's asymmetric pair: v1 always blurred, v2 sometimes solarized
+    >>> (v1.blur_p, v2.solarize_p)
+    (1.0, 0.2)
+    >>> byol_views(32)[0].blur_p  # no blur on small images
+    0.0
 """
 
 from __future__ import annotations

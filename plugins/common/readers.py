@@ -1,8 +1,14 @@
-"""Shared readers for the built-in dataset plugins: IDX files, restricted pickles, lazy array splits, raw-file
-lookup and the torchvision download fallback.
+"""Readers for dataset plugins: IDX files, restricted pickles, lazy array splits, raw-file lookup and the
+torchvision download fallback.
 
 Nothing here imports FFCV: dataset plugins only turn raw files into ``(HxWx3 uint8, int)`` samples; core writes
-the ``.beton`` (:mod:`sslrun.core.data.beton`).
+the ``.beton`` (:mod:`sslrun.core.data.cache`).
+
+Example:
+    >>> split = ArraySplit(np.zeros((10, 28, 28), dtype=np.uint8), np.arange(10))  # e.g. arrays from read_idx()
+    >>> img, label = split[3]  # grayscale replicated to RGB
+    >>> img.shape, label
+    ((28, 28, 3), 3)
 """
 
 from __future__ import annotations
@@ -23,8 +29,10 @@ __all__ = [
     "ConcatSplit",
     "find_dir_with",
     "gray_to_rgb",
+    "locate_or_download",
     "raw_cache_dir",
     "read_idx",
+    "resolve_file",
     "restricted_pickle_load",
     "torchvision_download",
 ]

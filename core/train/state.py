@@ -1,0 +1,87 @@
+"""Where a run stands: :class:`TrainState` (saved in checkpoints) and :class:`StepResult` (what one step produced).
+
+The checkpoint of a run is ``{**run.state_dict(), **state.state_dict(), "rng": ...}``: the built objects (weights,
+optimiser, schedules) come from :class:`~sslrun.core.train.build.Run`, the position in the run from here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["StepResult", "TrainState"]
+
+
+@dataclass
+class TrainState:
+    """The run's counters and last metrics; only the first four fields are saved.
+
+    Attributes:
+        step: optimiser steps done (the global step the run continues from).
+        epoch: epoch of the next batch to read.
+        batch: index of the next batch within that epoch (the position in the data stream).
+        metrics: the last value of every logged metric.
+        start_step: ``step`` when this process started (after a resume: the checkpoint's step).
+        stop_requested: every rank agreed to stop after the current step (signal or ``should_stop``).
+        last_checkpoint_step: the step of the newest checkpoint (-1: none yet).
+        last_checkpoint: the newest good checkpoint file this process knows of (for error messages).
+        resumed_from: the checkpoint this process resumed from, or None for a fresh start.
+    """
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    start_step: int = 0
+    stop_requested: bool = False
+    last_checkpoint_step: int = -1
+    last_checkpoint: Path | None = None
+    resumed_from: Path | None = None
+
+    @property
+    def final_loss(self) -> float:
+        """Mean loss of the last logging window (NaN before the first log)."""
+        return self.metrics.get("train/loss", math.nan)
+
+    def next_epoch(self) -> None:
+        """The current epoch is done: the next batch is the first of the next epoch."""
+        self.epoch += 1
+        self.batch = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The checkpoint keys of the run's position (builtins only, for ``weights_only`` loading)."""
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch,
+            "metrics": {k: float(v) for k, v in self.metrics.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any], source: Path | None = None) -> None:
+        """Continue from a checkpoint's position (``source``: the file it came from)."""
+        self.step = self.start_step = self.last_checkpoint_step = int(state["step"])
+        self.epoch = int(state["epoch"])
+        self.batch = int(state["batch_in_epoch"])
+        self.metrics = {k: float(v) for k, v in state.get("metrics", {}).items()}
+        self.last_checkpoint = self.resumed_from = source
+
+
+@dataclass
+class StepResult:
+    """What one optimiser step produced, for the callbacks.
+
+    Attributes:
+        terms: the method's output: ``"loss"`` and the other terms it reports (tensors stay on the device).
+        grad_norm: the total gradient norm before clipping (only with ``optim.grad_clip``).
+        data_s: seconds spent waiting for the batch.
+        compute_s: seconds spent in the step.
+    """
+
+    terms: dict[str, Any]
+    grad_norm: torch.Tensor | None = None
+    data_s: float = 0.0
+    compute_s: float = 0.0
