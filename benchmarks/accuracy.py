@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import LoadSampler, StepTimer, machine_info, print_json, print_table, steady_rate, usable_cores
 
 #: Methods benchmarked by default: every built-in method.
-METHODS = ("simclr", "byol", "mocov2", "barlow_twins", "simsiam", "vicreg", "dino")
+METHODS = ("simclr", "byol", "mocov2", "barlow_twins", "simsiam", "vicreg", "dino", "swav", "mocov3", "nnclr", "ijepa")
 #: Method kwargs for a 2-core CPU budget, and why each differs from the paper's default.
 METHOD_SETTINGS: dict[str, dict[str, Any]] = {
     "simclr": {},  # paper heads (2048-128), T=0.5 (the paper's CIFAR-10 value)
@@ -66,6 +66,17 @@ METHOD_SETTINGS: dict[str, dict[str, Any]] = {
     "vicreg": {"hidden_dim": 2048, "output_dim": 2048},  # as Barlow Twins
     # 65,536 prototypes and 8 local crops would dominate the step on a CPU: 4096 prototypes, 4 local crops
     "dino": {"out_dim": 4096, "num_local_crops": 4},
+    "swav": {},  # paper heads (2048-128) and 3000 prototypes; 4 local crops at 28 px (the method's small default)
+    # 1024-wide MLPs instead of 4096 (compute), as for BYOL
+    "mocov3": {"hidden_dim": 1024},
+    "nnclr": {"projection_hidden_dim": 1024, "prediction_hidden_dim": 1024},
+    # a 2-block predictor instead of 12 (compute); the encoder is a ViT (see METHOD_ENCODERS)
+    "ijepa": {"predictor_depth": 2},
+}
+#: Encoders other than small_cnn: I-JEPA predicts patch tokens and needs a ViT. 4-px patches give a 7 x 7 grid at
+#: 28 px; 4 blocks keep a step within a few times small_cnn's.
+METHOD_ENCODERS: dict[str, dict[str, Any]] = {
+    "ijepa": {"name": "vit_tiny", "kwargs": {"patch_size": 4, "depth": 4, "global_pool": "mean"}},
 }
 #: The shared optimiser recipe (lightly's CIFAR-10 benchmark: SGD 6e-2 at batch 128 = 0.12 per 256).
 OPTIM = {"optim.name": "sgd", "optim.lr": 0.12, "optim.momentum": 0.9, "optim.weight_decay": 5e-4}
@@ -124,7 +135,7 @@ def base_config(args: argparse.Namespace, method: str, output: Path) -> Any:
     cfg = ExperimentConfig()
     data = cfg.to_dict()
     data["method"] = {"name": method, "kwargs": dict(METHOD_SETTINGS.get(method, {}))}
-    data["encoder"] = {"name": "small_cnn", "kwargs": {}}
+    data["encoder"] = METHOD_ENCODERS.get(method, {"name": "small_cnn", "kwargs": {}})
     data["data"].update(
         {
             "dataset": "fashion-mnist",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shlex
 import shutil
@@ -495,6 +496,35 @@ def test_a_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(
     firsts = [e["step"] for e in _events(out) if e["event"] == "first_step"]
     assert resumed < firsts[1] <= resumed + 5  # the new attempt's first log (every 5 steps) follows it
     assert json.loads((out / "workers" / "rank1.json").read_text())["pid"] != killed["pid"]
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.parametrize(
+    ("method", "encoder", "settings"),
+    [
+        ("swav", "small_cnn", ["method.kwargs.num_local_crops=2", "method.kwargs.num_prototypes=32"]),
+        ("mocov3", "small_cnn", []),
+        ("nnclr", "small_cnn", ["method.kwargs.queue_size=64", "method.kwargs.projection_hidden_dim=64"]),
+        ("ijepa", "vit_tiny", ["encoder.kwargs.depth=1", "method.kwargs.predictor_depth=1"]),
+    ],
+)
+def test_the_newer_methods_train_through_ray_launch(
+    ray_head: tuple[str, int], tmp_path: Path, method: str, encoder: str, settings: list[str]
+) -> None:
+    """SwAV, MoCo v3, NNCLR and I-JEPA train under ``sslrun launch``: two Ray workers, DDP over gloo, a finite loss
+    at every step and a checkpoint at the end."""
+    out = tmp_path / "run"
+    small = ["method.kwargs.hidden_dim=64"] if method in ("swav", "mocov3") else []
+    extra = {"cluster.address": ray_head[0], "cluster.workers_per_node": 2}
+    cfg = _cfg(
+        out, *small, *settings, "log.log_every=1", method=method, encoder=encoder, batch_size=16, max_steps=3,
+        extra=extra,
+    )  # fmt: skip
+    result = launch(cfg, echo=lambda _: None)
+    assert result.steps == 3 and result.checkpoint is not None and result.checkpoint.exists()
+    losses = _losses(out)
+    assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values()), losses
 
 
 def _run_cli(args: list[str], env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
