@@ -5,7 +5,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.sslrun-installed
-APT_PKGS := libturbojpeg0-dev libopencv-dev pkg-config dataset-fashion-mnist
+APT_PKGS := libturbojpeg0-dev libopencv-dev pkg-config dataset-fashion-mnist chromium
 TORCH := torch==2.14.1 torchvision==0.29.1
 # Ray must stay on loopback: run it in a network namespace that has only `lo` (root), never posting usage statistics.
 NETNS := unshare -n sh -c

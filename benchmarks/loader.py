@@ -24,10 +24,20 @@ number of batches is timed. Throughput counts source images per second (each giv
 clock, it reports images per CPU-second of all the processes and threads involved (psutil): on a shared
 machine that ratio moves much less with the other jobs than the wall clock does.
 
+ImageNet-scale rows (``--photos N``): ``N`` photo-like JPEGs (:mod:`photos`: gradients, colour fields and textures
+in 5 aspect ratios, the longer side 256 px, as ImageNet prepared with ``max_side=256``) in a class-per-folder tree,
+prepared with ``imagefolder --set max_side=256 --format jpg`` (whole images of varying shape). Crop + flip +
+normalise only, on both sides (the colour stack belongs on the GPU at this size): SimCLR's 2 views at 224 px and
+DINO's multi-crop (2 x 224 + 6 x 96), sslrun's ViewLoader against torchvision's ``ImageFolder`` + ``transforms.v2``
+reading the same JPEG files. Next to them, the decode limit: JPEGs of the ``.beton`` decoded per CPU-second by
+libjpeg-turbo alone (FFCV's ``imdecode``, one thread, no crop), i.e. the most any loader that decodes each image
+once could deliver per core.
+
 Usage::
 
     python benchmarks/loader.py              # the table (2-3 minutes on 2 quiet cores)
     python benchmarks/loader.py --json       # ... and a JSON object as the last line
+    python benchmarks/loader.py --photos 2000 --only-photos --json    # the 224-px rows only
 """
 
 from __future__ import annotations
@@ -188,6 +198,111 @@ def bench_sslrun(path: Path, views: list[ViewSpec], batch: int, workers: int, ep
         loader.close()
 
 
+# ---- ImageNet-scale rows: whole photo-like JPEGs, 224-px views -------------------------------------------------------
+def dino_views() -> list[ViewSpec]:
+    """DINO's multi-crop at 224 px: 2 global views (scale 0.4-1) and 6 local 96-px views (0.05-0.4); crop and
+    flip only."""
+    glob = ViewSpec(size=224, scale=(0.4, 1.0), jitter_p=0.0, grayscale_p=0.0)
+    local = ViewSpec(size=96, scale=(0.05, 0.4), jitter_p=0.0, grayscale_p=0.0)
+    return [glob, glob, *[local] * 6]
+
+
+def photo_beton(out_dir: Path, n: int, workers: int) -> tuple[Path, Path]:
+    """``n`` photo-like 256-px JPEGs in ``out_dir/photos`` and their ``.beton`` (whole images, jpg)."""
+    from photos import write_photo_folder
+
+    from sslrun.core.config import DataCfg
+    from sslrun.core.data.cache import prepare_split
+
+    root = out_dir / "photos"
+    write_photo_folder(root, n, long_side=(256, 256), workers=workers)
+    cfg = DataCfg(dataset="imagefolder", root=str(root), format="jpg",
+                  dataset_kwargs={"max_side": 256, "test_fraction": 0.0})  # fmt: skip
+    path, _, _ = prepare_split(cfg, "train", output=out_dir / "photos.beton", num_workers=workers, progress=False)
+    return root, path
+
+
+def decode_limit(path: Path, seconds: float = 5.0) -> float:
+    """JPEGs of ``path`` one core decodes per CPU-second with libjpeg-turbo alone (FFCV's ``imdecode``)."""
+    from sslrun.core.data.ffcv_compat import import_ffcv
+    from sslrun.core.data.format import BetonReader
+
+    import_ffcv()
+    from ffcv.libffcv import imdecode
+
+    r = BetonReader(path)
+    items = [(r.stored_bytes(i), int(h), int(w)) for i, (h, w) in enumerate(r.sizes[: min(len(r), 2000)])]
+    dst = np.empty(int(r.sizes[:, 0].max()) * int(r.sizes[:, 1].max()) * 3, np.uint8)
+    done, t0 = 0, time.process_time()
+    while time.process_time() - t0 < seconds:
+        for buf, h, w in items:
+            imdecode(buf, dst, h, w, h, w, 0, 0, 1, 1, False, False)
+        done += len(items)
+    return done / (time.process_time() - t0)
+
+
+class _FolderViews(torch.utils.data.Dataset):
+    """torchvision's ImageFolder (PIL decode per access) with one ``transforms.v2`` pipeline per view."""
+
+    def __init__(self, root: Path, views: list[ViewSpec], mean: list[float], std: list[float]) -> None:
+        from torchvision.datasets import ImageFolder
+
+        self.folder = ImageFolder(str(root))
+        self.transforms = [tv_view_transform(v, mean, std) for v in views]
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, i: int) -> tuple[Any, ...]:
+        img, label = self.folder[i]
+        return (*(t(img) for t in self.transforms), label)
+
+
+def bench_torchvision_folder(root: Path, views: list[ViewSpec], mean: list[float], std: list[float], batch: int,
+                             workers: int, batches: int) -> Measure:  # fmt: skip
+    """As :func:`bench_torchvision`, over the JPEG files themselves."""
+    ds = _FolderViews(root, views, mean, std)
+    dl = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True)
+    it = iter(dl)
+    next(it)
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    for _ in range(batches):
+        next(it)
+    elapsed, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+    del it
+    return Measure(batches * batch / elapsed, batches * batch / cpu)
+
+
+def photo_rows(tmp: Path, n: int, batch: int, workers: int, epochs: int, tv_batches: int) -> dict[str, Any]:
+    """The 224-px rows and the decode limit."""
+    from sslrun.core.data.format import verify_beton
+
+    t0 = time.perf_counter()
+    root, path = photo_beton(tmp, n, workers)
+    m = verify_beton(path)
+    _log(f"photos: {n} JPEGs written and prepared in {time.perf_counter() - t0:.1f} s")
+    limit = decode_limit(path)
+    _log(f"photos: decode limit {limit:,.0f} img per CPU-s (libjpeg-turbo, one core)")
+    simclr = [ViewSpec(size=224, jitter_p=0.0, grayscale_p=0.0)] * 2
+    out: dict[str, Any] = {"images": n, "stored_sizes": [m.image_size_min, m.image_size],
+                           "decode_limit_img_per_cpu_s": round(limit)}  # fmt: skip
+    for name, specs in (("simclr 2x224", simclr), ("dino 2x224+6x96", dino_views())):
+        tv = bench_torchvision_folder(root, specs, m.mean, m.std, batch, workers, tv_batches)
+        _log(f"photos [{name}]: torchvision {tv.img_s:,.0f} img/s, {tv.img_per_cpu_s:,.0f} img/CPU-s")
+        ss = bench_sslrun(path, specs, batch, workers, epochs)
+        _log(f"photos [{name}]: sslrun {ss.img_s:,.0f} img/s, {ss.img_per_cpu_s:,.0f} img/CPU-s")
+        out[name] = {
+            "sslrun_img_s": round(ss.img_s),
+            "torchvision_img_s": round(tv.img_s),
+            "sslrun_img_per_cpu_s": round(ss.img_per_cpu_s),
+            "torchvision_img_per_cpu_s": round(tv.img_per_cpu_s),
+            "speedup_per_cpu_s": round(ss.img_per_cpu_s / tv.img_per_cpu_s, 1),
+            "fraction_of_decode_limit": round(ss.img_per_cpu_s / limit, 2),
+            "sslrun_first_epoch_s": round(ss.first_s, 1),
+        }
+    return out
+
+
 def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -204,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default=None, help="cache of prepared .beton files (default: sslrun's)")
     p.add_argument("--fmnist-root", default=None, help="Fashion-MNIST IDX files (default: the usual places)")
     p.add_argument("--no-crop-flip", action="store_true", help="skip the crop+flip-only comparison")
+    p.add_argument("--photos", type=int, default=0, help="photo-like 256-px JPEGs for the 224-px rows (0: none)")
+    p.add_argument("--only-photos", action="store_true", help="only the 224-px rows")
     p.add_argument("--torch-threads", type=int, default=1,
                    help="torch threads for sslrun's colour augmentations (FFCV uses the others)")  # fmt: skip
     args = p.parse_args(argv)
@@ -219,6 +336,13 @@ def main(argv: list[str] | None = None) -> int:
             "fashion-mnist (28px raw)": lambda: fashion_mnist(args.data_dir or default_data_dir(), args.fmnist_root),
             "synthetic (64px jpeg)": lambda: synthetic_jpeg(Path(tmp), args.synthetic),
         }
+        if args.only_photos:
+            sets = {}
+        photos = (
+            photo_rows(Path(tmp), args.photos, args.batch_size, args.workers, args.epochs, args.tv_batches)
+            if args.photos
+            else None
+        )
         for name, make in sets.items():
             t0 = time.perf_counter()
             path = make()
@@ -263,6 +387,17 @@ def main(argv: list[str] | None = None) -> int:
                 f"{name:<26} {variant:<12} {row['sslrun_img_s']:>13,} {row['torchvision_img_s']:>18,} "
                 f"{row['speedup']:>7}x {row['speedup_per_cpu_s']:>9}x {row['sslrun_first_epoch_s']:>12}"
             )
+    if photos is not None:
+        print(f"\n{photos['images']} photo-like JPEGs (whole, 256 px max side), crop+flip+normalise, "
+              f"decode limit {photos['decode_limit_img_per_cpu_s']:,} img per CPU-s")  # fmt: skip
+        print(f"{'views':<18} {'sslrun img/s':>13} {'torchvision img/s':>18} {'sslrun /CPU-s':>14} "
+              f"{'tv /CPU-s':>10} {'per CPU-s':>10} {'of limit':>9}")  # fmt: skip
+        for name in ("simclr 2x224", "dino 2x224+6x96"):
+            row = photos[name]
+            print(f"{name:<18} {row['sslrun_img_s']:>13,} {row['torchvision_img_s']:>18,} "
+                  f"{row['sslrun_img_per_cpu_s']:>14,} {row['torchvision_img_per_cpu_s']:>10,} "
+                  f"{row['speedup_per_cpu_s']:>9}x {row['fraction_of_decode_limit']:>9.0%}")  # fmt: skip
+        results["photos (256px whole jpeg, 224px views)"] = photos
     print("speedup: by the wall clock; per CPU-s: images per CPU-second of all processes and threads involved")
     print(f"load average (1 min) before/after: {load_before[0]:.2f} / {load_after[0]:.2f} on {os.cpu_count()} cores")
     if args.json:

@@ -3,7 +3,8 @@
 Ray). Every :class:`~sslrun.core.errors.SslrunError` is printed as one ``error:`` line and exits with status 2.
 
 One module per command group: :mod:`~sslrun.cli.plugins`, :mod:`~sslrun.cli.config`, :mod:`~sslrun.cli.data`,
-:mod:`~sslrun.cli.train` (``train``, ``launch``) and :mod:`~sslrun.cli.eval` (``eval ...``, ``export``); the
+:mod:`~sslrun.cli.train` (``train``, ``launch``), :mod:`~sslrun.cli.eval` (``eval ...``, ``export``) and
+:mod:`~sslrun.cli.report` (``report``); the
 options several commands share are declared once in :mod:`~sslrun.cli.options`.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import typer
 
-from sslrun.cli import config, data, plugins, train
+from sslrun.cli import config, data, plugins, report, train
 from sslrun.cli import eval as evaluation
 
 __all__ = ["app", "main"]
@@ -30,6 +31,7 @@ app.command("train")(train.train)
 app.add_typer(evaluation.app, name="eval")
 app.command("export")(evaluation.export)
 app.command("launch")(train.launch)
+app.command("report")(report.report)
 
 
 def main() -> None:

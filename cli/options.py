@@ -35,7 +35,10 @@ PretextOpt = Annotated[str | None, typer.Option(help="Pretext task to train (sam
 EncoderOpt = Annotated[str | None, typer.Option(help="Encoder: small_cnn for CPU, resnet18/50 or vit_* on GPUs.")]
 DatasetOpt = Annotated[str | None, typer.Option(help="Dataset plugin; prepared to .beton on first use.")]
 RootOpt = Annotated[str | None, typer.Option(help="Directory with the dataset's raw files.")]
-DataDirOpt = Annotated[str | None, typer.Option(help="Cache of prepared .beton files (default ~/.cache/sslrun).")]
+DataDirOpt = Annotated[
+    str | None,
+    typer.Option(help="Cache of prepared .beton files: a path or s3:// / gs:// URI (default ~/.cache/sslrun)."),
+]
 EpochsOpt = Annotated[int | None, typer.Option(min=1, help="Training epochs.")]
 MaxStepsOpt = Annotated[int | None, typer.Option(min=1, help="Stop after this many global steps.")]
 BatchOpt = Annotated[int | None, typer.Option(min=1, help="GLOBAL batch size (split across workers).")]

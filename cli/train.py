@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from sslrun.cli.common import experiment_from_cli, friendly
 from sslrun.cli.options import ExperimentFlags, expand_flags
+from sslrun.core.errors import SslrunError
 
 
 @friendly
@@ -21,7 +23,8 @@ def train(
 ) -> None:
     """Pretrain on this machine (one process, or one per GPU under torchrun); see docs/training.md.
 
-    Writes OUTPUT/config.toml, OUTPUT/checkpoints/, OUTPUT/tb/ (TensorBoard) and OUTPUT/metrics.jsonl.
+    Writes OUTPUT/config.toml, OUTPUT/checkpoints/, OUTPUT/tb/ (TensorBoard), OUTPUT/metrics.jsonl and
+    OUTPUT/report.html.
     Ctrl-C writes a checkpoint at the next step and stops; --resume continues from OUTPUT/checkpoints/last.pt.
     """
     from sslrun.core.train.trainer import check_output_free, summary_line
@@ -32,6 +35,7 @@ def train(
     result = run_training(cfg)
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun only rank 0 prints (the process group is gone by now)
+    _write_report(result.output)  # before the summary, which stays the last line
     if result.interrupted:
         typer.echo(
             f"stopped at step {result.steps}; resume with: sslrun train --config {result.output / 'config.toml'} "
@@ -71,8 +75,14 @@ def launch(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run stored under the same storage path and name.")
     ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show every line Ray and the workers print (always in OUTPUT/logs).")
+    ] = False,
 ) -> None:
-    """Train on a Ray cluster with Ray Train (DDP); with no --address, on a local Ray started here."""
+    """Train on a Ray cluster with Ray Train (DDP); with no --address, on a local Ray started here.
+
+    One progress view on the console (a bar on a terminal, timestamped lines otherwise); every process's full
+    output in OUTPUT/logs/; OUTPUT/report.html at the end."""
     from sslrun.cluster.launcher import launch as run_launch
 
     cluster = {
@@ -89,7 +99,21 @@ def launch(
         **dataclasses.asdict(flags), resume=resume, extra={f"cluster.{k}": v for k, v in cluster.items()}
     )
     try:
-        run_launch(cfg, echo=typer.echo)
+        result = run_launch(cfg, echo=typer.echo, verbose=verbose)
     except KeyboardInterrupt:
         typer.echo("aborted", err=True)
         raise typer.Exit(130) from None
+    _write_report(result.output)
+
+
+def _write_report(output: Path) -> None:
+    """The run's HTML report (``sslrun report``) and its path; a report that cannot be written is one line,
+    never a failed run."""
+    from sslrun.cli.report import write_report
+
+    try:
+        path = write_report([output])
+    except (SslrunError, ImportError, OSError) as exc:
+        typer.echo(f"  report:         not written ({exc}); try: sslrun report {output}")
+        return
+    typer.echo(f"  report:         {path}")

@@ -8,7 +8,9 @@ The steps, each in its own module:
 3. :func:`sslrun.cluster.preflight.reserve_resources`: room for every worker, or a clear message in bounded time;
 4. here: one ``TorchTrainer`` runs :func:`sslrun.cluster.worker.train_loop_per_worker` on every worker with the
    config as plain data, ``fit()`` in a helper thread while the main thread handles signals
-   (:mod:`sslrun.cluster.stop`), then a summary of where the results are.
+   (:mod:`sslrun.cluster.stop`), then a summary of where the results are. Throughout, the driver's console
+   (:mod:`sslrun.cluster.console`) shows one progress view and the lines that matter, and keeps every process's
+   output in ``OUTPUT/logs/``.
 
 ``FailureConfig(max_failures=K, controller_failure_limit=1)``: a dead worker restarts the whole group from the last
 committed checkpoint at most K times, and a worker group that cannot start fails instead of being retried for ever
@@ -19,6 +21,7 @@ continues from it (same ``storage_path`` and ``name``).
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 from collections.abc import Callable
@@ -26,10 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sslrun.cluster.console import LOGS_DIR, LaunchConsole
 from sslrun.cluster.plan import LaunchPlan
-from sslrun.cluster.preflight import prepare_launch, reserve_resources
+from sslrun.cluster.preflight import data_splits, prepare_launch, reserve_resources
+from sslrun.cluster.staging import stage_on_nodes
 from sslrun.cluster.stop import StopFlag, stop_workers_on_signals
-from sslrun.cluster.worker import resolve_train_fn
+from sslrun.cluster.worker import WORKERS_DIR, resolve_train_fn
 from sslrun.core.config import ExperimentConfig
 from sslrun.core.errors import SslrunError, TrainingError
 
@@ -70,16 +75,21 @@ class LaunchResult:
     info: dict[str, Any]
 
 
-def launch(cfg: ExperimentConfig, *, echo: Echo = print, train_fn: str | None = None) -> LaunchResult:
+def launch(
+    cfg: ExperimentConfig, *, echo: Echo = print, train_fn: str | None = None, verbose: bool = False
+) -> LaunchResult:
     """Run ``cfg`` with Ray Train: validate, start or reach Ray, train on every worker, report where results are.
 
     Args:
         cfg: the experiment, plugins already validated (``experiment_from_cli`` does it).
-        echo: where progress lines go (the CLI passes ``typer.echo``).
+        echo: where the driver's own lines go (the CLI passes ``typer.echo``); the workers' messages and the
+            progress view go to stdout (:class:`~sslrun.cluster.console.LaunchConsole`, as ``cfg.log.progress``
+            says), every process's full output to ``OUTPUT/logs/``.
         train_fn: ``"package.module:function"`` that each worker imports and runs instead of
             :func:`sslrun.core.train.trainer.train`, with the same signature ``(cfg, hooks, device) -> TrainResult``:
             a wrapper that instruments the real trainer (the tests record the batches each rank trains on this
             way). A name, not a callable, so that Ray's ``train_loop_config`` stays plain data. None = the trainer.
+        verbose: show every line Ray's processes print, as Ray would (they are in ``OUTPUT/logs/`` either way).
 
     Returns:
         Where the TensorBoard logs and checkpoints are, and how far the run got.
@@ -95,20 +105,32 @@ def launch(cfg: ExperimentConfig, *, echo: Echo = print, train_fn: str | None = 
 
     from sslrun.cluster.local_ray import connect_or_start
 
-    session = connect_or_start(cfg.cluster.address, include_dashboard=True)
-    try:
-        where = "embedded local Ray" if session.started_here else f"Ray cluster at {session.address}"
-        echo(f"ray: {where}; dashboard {session.dashboard_url or '(not running)'}")
-        with reserve_resources(plan, cfg.cluster.resource_wait_s, echo):
-            echo(f"launch: {plan.describe()}")
-            flag = StopFlag(plan.storage_path, plan.name)
-            flag.clear()
-            trainer = _build_trainer(cfg, plan, train_fn)
-            with stop_workers_on_signals(flag, echo):
-                result = _fit_in_thread(trainer)
-            return _summarise(result, plan, echo)
-    finally:
-        session.shutdown()
+    output = Path(cfg.output)
+    progress = cfg.log.progress
+    with LaunchConsole(output, verbose=verbose, progress=progress, world_size=plan.num_workers) as console:
+        session = connect_or_start(cfg.cluster.address, include_dashboard=True)
+        try:
+            console.attach_ray()
+            where = "embedded local Ray" if session.started_here else f"Ray cluster at {session.address}"
+            echo(f"ray: {where}; {session.dashboard_hint()}")
+            with reserve_resources(plan, cfg.cluster.resource_wait_s, echo):
+                stage_on_nodes(cfg.data, data_splits(cfg), plan, echo)  # each node's copy, before any worker
+                echo(f"launch: {plan.describe()}")
+                flag = StopFlag(plan.storage_path, plan.name)
+                flag.clear()
+                trainer = _build_trainer(cfg, plan, train_fn)
+                with stop_workers_on_signals(flag, echo):
+                    try:
+                        result = _fit_in_thread(trainer)
+                    except BaseException as exc:
+                        error = _training_error(exc, output)
+                        if error is exc:
+                            raise
+                        raise error from exc
+        finally:
+            console.detach_ray()
+            session.shutdown()
+    return _summarise(result, plan, echo, console.logs)
 
 
 def _build_trainer(cfg: ExperimentConfig, plan: LaunchPlan, train_fn: str | None) -> Any:
@@ -162,11 +184,11 @@ def _fit_in_thread(trainer: Any) -> Any:
     while thread.is_alive():
         thread.join(timeout=0.5)
     if "error" in box:
-        raise _training_error(box["error"]) from box["error"]
+        raise box["error"]
     return box["result"]
 
 
-def _training_error(exc: BaseException) -> BaseException:
+def _training_error(exc: BaseException, output: Path) -> BaseException:
     """A Ray Train failure as one line: the first failing rank's own error when it is an sslrun error."""
     from ray.train import ControllerError, WorkerGroupError
 
@@ -175,8 +197,8 @@ def _training_error(exc: BaseException) -> BaseException:
         if isinstance(cause, SslrunError):
             return type(cause)(f"worker rank {rank}: {cause}")
         return TrainingError(
-            f"worker rank {rank} failed: {type(cause).__name__}: {_first_line(cause)} (traceback in the worker "
-            f"output above); restarts allowed: --max-failures"
+            f"worker rank {rank} failed: {type(cause).__name__}: {_first_line(cause)} (traceback in "
+            f"{_worker_log(output, rank)}); restarts allowed: --max-failures"
         )
     if isinstance(exc, ControllerError):
         return TrainingError(
@@ -188,12 +210,21 @@ def _training_error(exc: BaseException) -> BaseException:
     return TrainingError(f"launch failed: {type(exc).__name__}: {_first_line(exc)}")
 
 
+def _worker_log(output: Path, rank: int) -> Path:
+    """The log file of ``rank``'s last process (its pid is in ``OUTPUT/workers/rank<r>.json``), else the log folder."""
+    try:
+        pid = json.loads((output / WORKERS_DIR / f"rank{rank}.json").read_text())["pid"]
+    except (OSError, ValueError, KeyError):
+        return output / LOGS_DIR
+    return output / LOGS_DIR / f"RayTrainWorker-{pid}.log"
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
-def _summarise(result: Any, plan: LaunchPlan, echo: Echo) -> LaunchResult:
+def _summarise(result: Any, plan: LaunchPlan, echo: Echo, logs: Path) -> LaunchResult:
     """Print where the results are and turn rank 0's return value into a :class:`LaunchResult`."""
     info: dict[str, Any] = dict(result.return_value or {})
     stopped = bool(info.get("interrupted"))
@@ -209,6 +240,7 @@ def _summarise(result: Any, plan: LaunchPlan, echo: Echo) -> LaunchResult:
     echo(f"  TensorBoard:    tensorboard --logdir {output / 'tb'}")
     echo(f"  checkpoint:     {checkpoint if checkpoint is not None else '(none written)'}")
     echo(f"  Ray checkpoint: {ray_checkpoint or '(none)'}")
+    echo(f"  logs:           {logs} (every process's full output)")
     if stopped:
         echo("  continue with the same command plus --resume")
     return LaunchResult(

@@ -8,6 +8,10 @@ Two rules hold whichever way Ray is reached:
 * **The embedded default is a fresh, private Ray.** ``ray.init()`` with no address attaches to any live cluster
   recorded in ``/tmp/ray/ray_current_cluster`` (another user's ``ray start``, a left-over test cluster), so the
   embedded default calls ``ray.init(address="local")`` and keeps the dashboard on ``127.0.0.1``.
+* **The token stays private.** Ray 2.60 turns token authentication on for a new local Ray and writes the token to
+  ``~/.ray/auth_token`` with the default umask (world-readable); the embedded default creates that file itself,
+  mode 0600, before Ray starts (and tightens an existing one), and the launch prints where it is: the dashboard
+  asks for it, and its API answers "Unauthorized: Missing authentication token" without it.
 
 Nothing here imports Ray at module import time: :func:`prepare_ray_environment` must run first.
 """
@@ -15,8 +19,11 @@ Nothing here imports Ray at module import time: :func:`prepare_ray_environment` 
 from __future__ import annotations
 
 import os
+import secrets
 import socket
+import stat
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sslrun.core.errors import ConfigError
@@ -28,6 +35,7 @@ __all__ = [
     "connect_or_start",
     "parse_address",
     "prepare_ray_environment",
+    "private_token_file",
 ]
 
 DASHBOARD_HOST = "127.0.0.1"  # never 0.0.0.0: the dashboard can submit jobs, so it stays on loopback
@@ -64,12 +72,25 @@ class RaySession:
         dashboard_url: ``http://HOST:PORT`` of the dashboard, or None when it is not running.
         started_here: True when this process started the embedded Ray (and must shut it down).
         reused: True when Ray was already initialised in this process (tests, notebooks): it is left running.
+        token_file: the token the dashboard asks for, when this process started Ray with token authentication.
     """
 
     address: str
     dashboard_url: str | None
     started_here: bool
     reused: bool
+    token_file: Path | None = None
+
+    def dashboard_hint(self) -> str:
+        """The dashboard's URL and what a person needs to open it, in one line."""
+        if not self.dashboard_url:
+            return "dashboard (not running)"
+        if self.token_file is None:
+            return f"dashboard {self.dashboard_url}"
+        return (
+            f"dashboard {self.dashboard_url} (it asks for the token in {self.token_file}; `ray get-auth-token` "
+            f"prints it)"
+        )
 
     def shutdown(self) -> None:
         """Stop Ray if this process started it; a cluster we only connected to keeps running."""
@@ -110,6 +131,7 @@ def connect_or_start(
     if ray.is_initialized():
         return RaySession(_gcs_address(), _dashboard_url(), started_here=False, reused=True)
     if address is None:
+        token_file = private_token_file(Path.home())
         ctx = ray.init(
             address="local",  # a fresh Ray: ray.init() without an address would attach to a recorded cluster
             num_cpus=num_cpus,
@@ -120,7 +142,9 @@ def connect_or_start(
             configure_logging=True,
             logging_level="warning",  # Ray's INFO start-up banner repeats what sslrun prints itself
         )
-        return RaySession(ctx.address_info["gcs_address"], _dashboard_url(ctx), started_here=True, reused=False)
+        return RaySession(
+            ctx.address_info["gcs_address"], _dashboard_url(ctx), started_here=True, reused=False, token_file=token_file
+        )
     _check_reachable(address)
     try:
         ctx = ray.init(address=address, logging_level="warning")
@@ -136,6 +160,33 @@ def connect_or_start(
         raise ConfigError(f"could not connect to the Ray cluster at {address!r}: {first}; {hint}") from exc
     gcs = getattr(ctx, "address_info", {}).get("gcs_address") or address
     return RaySession(gcs, _dashboard_url(ctx), started_here=False, reused=False)
+
+
+def private_token_file(home: Path) -> Path | None:
+    """The token file the embedded Ray will use, created or tightened to mode 0600; None when token authentication
+    is off (``RAY_AUTH_MODE=disabled``) or the token comes from the environment (``RAY_AUTH_TOKEN``,
+    ``RAY_AUTH_TOKEN_PATH``).
+
+    Ray would create ``home/.ray/auth_token`` itself with the default umask, readable by every user of the
+    machine; the same format (256 random bits, hex) is written here first, private from the start.
+    """
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled" or os.environ.get("RAY_AUTH_TOKEN"):
+        return None
+    if os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        path = Path(os.environ["RAY_AUTH_TOKEN_PATH"]).expanduser()
+    else:
+        path = home / ".ray" / "auth_token"
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+    if path.is_file() and stat.S_IMODE(path.stat().st_mode) & 0o077 and path.stat().st_uid == os.getuid():
+        path.chmod(0o600)  # a token left world-readable by an earlier Ray
+    return path
 
 
 def parse_address(address: str) -> tuple[str, int] | None:

@@ -37,6 +37,8 @@ class LaunchPlan:
         storage_path: where Ray Train persists checkpoints (absolute path or ``s3://`` / ``gs://`` URI).
         name: the Ray Train run name; the same ``(storage_path, name)`` resumes the run.
         embedded: True when sslrun starts its own local Ray.
+        epochs: the length of the lr schedule.
+        warmup_epochs: its linear warm-up (``schedule.warmup_epochs``, or the default for this many epochs).
     """
 
     nodes: int
@@ -49,14 +51,22 @@ class LaunchPlan:
     storage_path: str
     name: str
     embedded: bool
+    epochs: int
+    warmup_epochs: float
 
     def describe(self) -> str:
-        """One line, e.g. ``2 CPU workers (gloo) on 1 node, 1 CPU and 1 loader thread each, PACK``."""
+        """One line, e.g. ``2 CPU workers (gloo) on 1 node, 1 CPU and 1 loader thread each, PACK; 1 epoch, lr
+        warm-up 0.1 epochs then cosine``."""
         kind = "GPU workers (NCCL)" if self.use_gpu else "CPU workers (gloo)"
         layout = "on 1 node" if self.nodes == 1 else f"on {self.nodes} nodes ({self.workers_per_node} per node)"
         res = ", ".join(f"{_fmt(v)} {k}" for k, v in self.resources_per_worker.items())
         threads = f"{self.loader_threads} loader thread{'s' if self.loader_threads != 1 else ''}"
-        return f"{self.num_workers} {kind} {layout}, {res} and {threads} each, {self.placement_strategy}"
+        epochs = f"{self.epochs} epoch{'s' if self.epochs != 1 else ''}"
+        warmup = f"{_fmt(self.warmup_epochs)} epoch{'s' if self.warmup_epochs != 1 else ''}"
+        return (
+            f"{self.num_workers} {kind} {layout}, {res} and {threads} each, {self.placement_strategy}; "
+            f"{epochs}, lr warm-up {warmup} then cosine"
+        )
 
 
 def plan_launch(cfg: ExperimentConfig, *, embedded: bool, local_cpus: int, local_gpus: int) -> LaunchPlan:
@@ -123,6 +133,8 @@ def plan_launch(cfg: ExperimentConfig, *, embedded: bool, local_cpus: int, local
         storage_path=storage,
         name=name,
         embedded=embedded,
+        epochs=cfg.schedule.epochs,
+        warmup_epochs=min(cfg.schedule.warmup, cfg.schedule.epochs),
     )
 
 

@@ -1,8 +1,10 @@
 """What the driver checks and prepares before any Ray worker starts, each failure in one line.
 
 In order: absolute paths, the plan (:mod:`sslrun.cluster.plan`), the run directory (an existing run is continued
-only with ``--resume``, and ``--resume`` needs one), the dataset (prepared here, never in a worker), then, once
-Ray is reached, the cluster's resources (waiting a bounded time, asking an autoscaler for nodes meanwhile).
+only with ``--resume``, and ``--resume`` needs one; a storage URI is probed for its bucket, credentials and write
+permission), the dataset (prepared here or reused from a store URI, never in a worker), then, once Ray is reached,
+the cluster's resources (waiting a bounded time, asking an autoscaler for nodes meanwhile) and the data on every
+node that can host a worker (:mod:`sslrun.cluster.staging`).
 Plugins and their kwargs were validated before, by ``experiment_from_cli``.
 """
 
@@ -19,7 +21,7 @@ from sslrun.core.config import ExperimentConfig
 from sslrun.core.errors import ConfigError
 from sslrun.core.system import usable_cores
 
-__all__ = ["prepare_launch", "reserve_resources"]
+__all__ = ["data_splits", "prepare_launch", "reserve_resources"]
 
 Echo = Callable[[str], None]
 # Ray Train V2 writes this file under storage_path/name once the run has committed a checkpoint, and a trainer
@@ -85,7 +87,14 @@ def _check_run_dir(plan: LaunchPlan, cfg: ExperimentConfig) -> None:
     refuse ``--resume`` with nothing to resume (it would fail on every worker, once per allowed restart)."""
     import pyarrow.fs
 
-    fs, root = pyarrow.fs.FileSystem.from_uri(plan.storage_path)
+    from sslrun.core.data.remote import is_uri, open_store
+
+    if is_uri(plan.storage_path):  # a bad bucket, credentials or endpoint: one line now, not on every worker
+        store = open_store(plan.storage_path)
+        store.check(write=True)
+        fs, root = store.fs, store.root
+    else:
+        fs, root = pyarrow.fs.FileSystem.from_uri(plan.storage_path)
     snapshot = f"{root.rstrip('/')}/{plan.name}/{_SNAPSHOT_FILE}"
     has_ray_run = fs.get_file_info(snapshot).type != pyarrow.fs.FileType.NotFound
     if has_ray_run and not cfg.resume:
@@ -101,18 +110,25 @@ def _check_run_dir(plan: LaunchPlan, cfg: ExperimentConfig) -> None:
         )
 
 
-def _prepare_data(cfg: ExperimentConfig, echo: Echo) -> None:
-    """Prepare (or verify) every split the workers will read, here on the driver: FFCV's ``DatasetWriter`` forks
-    ``multiprocessing`` workers, which must never happen inside a Ray worker. On several nodes, ``data.data_dir``
-    must be shared storage (or prepared on each node at the same path): the workers only read it."""
-    from sslrun.core.data.cache import ensure_prepared
+def data_splits(cfg: ExperimentConfig) -> list[str | None]:
+    """Every split the workers read: the training split, and the labelled splits of the online kNN monitor."""
     from sslrun.core.plugins.resolve import build_dataset
 
     splits: list[str | None] = [cfg.data.split]
     if cfg.log.knn_every > 0:  # the online kNN monitor reads the labelled splits on rank 0
         splits += list(getattr(build_dataset(cfg), "eval_splits", None) or [])
-    paths = [ensure_prepared(cfg.data, split) for split in dict.fromkeys(splits)]
-    for path in dict.fromkeys(paths):  # None (the first split) and its name give the same file
+    return list(dict.fromkeys(splits))
+
+
+def _prepare_data(cfg: ExperimentConfig, echo: Echo) -> None:
+    """Prepare (or verify) every split the workers will read, here on the driver: FFCV's ``DatasetWriter`` forks
+    ``multiprocessing`` workers, which must never happen inside a Ray worker. Under a store URI data dir the split
+    is reused from the store (manifest checked) or prepared here and published. Each node gets its copy once Ray
+    is reached (:func:`sslrun.cluster.staging.stage_on_nodes`)."""
+    from sslrun.core.data.cache import prepare_split
+
+    paths = [prepare_split(cfg.data, split)[0] for split in data_splits(cfg)]
+    for path in dict.fromkeys(str(p) for p in paths):  # None (the first split) and its name give the same file
         echo(f"data: {path}")
 
 

@@ -18,7 +18,8 @@ What each callback event does inside a Ray Train worker:
   disk, NFS, S3, GCS alike), which the driver raises on SIGTERM / Ctrl-C; the trainer all-reduces the answer,
   writes a checkpoint and returns.
 * ``resume_from``: copies the checkpoint file out of ``ray.train.get_checkpoint()`` (its directory is read-only
-  and may be remote) to a private scratch directory and returns that path.
+  and may be remote) to a private scratch directory and returns that path. Rank 0 also prints the attempt as a
+  progress event, so the driver's console can say when Ray Train restarted the workers after a failure.
 
 Ray is imported lazily so that this module imports anywhere; it only works inside a Ray Train worker.
 """
@@ -36,6 +37,7 @@ from typing import Any
 from sslrun.cluster.stop import StopFlag
 from sslrun.core.errors import CheckpointError
 from sslrun.core.train.callbacks import TrainHooks
+from sslrun.core.train.progress import event_line
 
 __all__ = ["CHECKPOINT_FILE", "CHECKPOINT_INFO_FILE", "RayTrainHooks"]
 
@@ -202,6 +204,8 @@ class RayTrainHooks(TrainHooks):
         self.events.parent.mkdir(parents=True, exist_ok=True)
         with open(self.events, "a") as f:
             f.write(json.dumps({"time": time.time(), **record}) + "\n")
+        if record["event"] == "attempt":  # the driver's console tells a restart after a worker failure from these
+            print(event_line(record), flush=True)
 
 
 def _floats(metrics: dict[str, Any]) -> dict[str, float]:

@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from sslrun.core.config import ExperimentConfig
+from sslrun.core.data.cache import refuse_preparing
 from sslrun.core.errors import ConfigError
 from sslrun.core.files import atomic_write_text
 from sslrun.core.plugins.resolve import check_plugin_versions
+from sslrun.core.train.progress import EVENTS_ENV
 
 __all__ = ["WORKERS_DIR", "TrainFn", "resolve_train_fn", "train_loop_per_worker"]
 
@@ -52,6 +54,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     from sslrun.cluster.reporting import RayTrainHooks
 
     _quiet_ray_reports()
+    os.environ[EVENTS_ENV] = "1"  # rank 0 sends its progress to the driver's console as event lines
+    # the driver prepared (and copied to every node) each split before the workers started; preparing here would
+    # keep the other ranks in a collective that times out
+    refuse_preparing(
+        "the driver prepares data before the workers start: pass --data-dir s3://bucket/prefix (or a path every "
+        "node shares) so that every node can read it"
+    )
     cfg = ExperimentConfig.from_dict(config["experiment"])
     check_plugin_versions(cfg)
     ctx = ray.train.get_context()

@@ -89,7 +89,9 @@ class OptimCfg:
     weight_decay_end: float | None = None  # cosine wd schedule end value (DINO); None = constant
     momentum: float = 0.9  # SGD/LARS momentum
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW
-    lars_eta: float = 0.02  # LARS trust coefficient (You et al. 2017; 0.001 in the paper, 0.02 in BYOL)
+    # LARS trust coefficient: 0.001 in You et al. 2017 and in the official SimCLR, BYOL, Barlow Twins, VICReg and
+    # SwAV code
+    lars_eta: float = 0.001
     grad_clip: float | None = None  # max global grad norm; None = no clipping
 
     def __post_init__(self) -> None:
@@ -105,14 +107,20 @@ class ScheduleCfg:
 
     epochs: int = 100
     max_steps: int | None = None  # stop after this many global steps (overrides epochs when smaller)
-    warmup_epochs: float = 10.0  # linear lr warm-up, then cosine decay
+    # linear lr warm-up, then cosine decay; None = min(10, epochs / 10), so a short run still reaches the decay
+    warmup_epochs: float | None = None
     min_lr_ratio: float = 0.0  # final lr = lr * min_lr_ratio
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ConfigError(f"schedule.epochs must be >= 1, got {self.epochs}")
-        if self.warmup_epochs < 0:
+        if self.warmup_epochs is not None and self.warmup_epochs < 0:
             raise ConfigError(f"schedule.warmup_epochs must be >= 0, got {self.warmup_epochs}")
+
+    @property
+    def warmup(self) -> float:
+        """The warm-up in epochs: ``warmup_epochs`` if set, else the smaller of 10 epochs and a tenth of the run."""
+        return self.warmup_epochs if self.warmup_epochs is not None else min(10.0, self.epochs / 10)
 
 
 @dataclass

@@ -1,9 +1,11 @@
 """torch.distributed helpers that are safe without a process group (one process = world of size 1).
 
 The gradient-carrying gather is what makes losses over the global batch right under DDP: plain
-``dist.all_gather`` returns tensors that do not require grad, so cross-rank terms would silently get no gradient
-(lightly #1528). ``all_gather_single`` from functional collectives carries autograd; its backward sums the
-gradients of every rank, and with per-rank losses averaged by DDP that equals the one-process gradient.
+``dist.all_gather`` returns tensors that do not require grad, so cross-rank terms would silently get no gradient.
+:func:`gather_with_grad` is a small autograd function on public collectives only (``all_gather`` forward,
+``all_reduce`` backward, both in every torch 2.x), so it works on gloo and NCCL alike: its backward sums the
+gradients that every rank's loss sends to this rank's rows, and with per-rank losses averaged by DDP that equals
+the one-process gradient.
 """
 
 from __future__ import annotations
@@ -34,13 +36,30 @@ def is_main() -> bool:
     return rank() == 0
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward returns, to each rank, the sum over ranks of the gradient of its rows.
+
+    Every rank must hold the same number of rows (the trainer splits the global batch evenly)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(world_size())]
+        dist.all_gather(parts, x)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        # each rank's loss sent gradients to every rank's rows: sum them over ranks, keep this rank's rows
+        total = grad.contiguous().clone()
+        dist.all_reduce(total)
+        return total.chunk(world_size(), dim=0)[rank()]
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """``(B, ...)`` per rank -> ``(world_size * B, ...)`` in rank order, with gradients flowing back to every rank."""
     if not is_dist() or world_size() == 1:
         return x
-    from torch.distributed._functional_collectives import all_gather_single
-
-    return all_gather_single(x.contiguous(), 0, dist.group.WORLD)
+    return _GatherWithGrad.apply(x.contiguous())
 
 
 @torch.no_grad()

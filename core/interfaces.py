@@ -135,6 +135,9 @@ class Method(nn.Module, ABC):
     #: paper's optimiser where the default SGD diverges. :func:`sslrun.core.plugins.build.build_config` layers them just
     #: above the defaults: a config file, a flag or ``--set`` still overrides each key.
     optim_defaults: ClassVar[dict[str, Any]] = {}
+    #: Non-empty: why this method's BatchNorm must stay per rank (MoCo v2's shuffle-BN relies on it); the trainer
+    #: then does not convert it to SyncBatchNorm under ``system.sync_bn``, and says so in one line.
+    per_rank_batchnorm: str = ""
 
     def __init__(self, encoder: nn.Module, cfg: Any) -> None:
         super().__init__()

@@ -86,6 +86,42 @@ def test_accuracy_script_quick_run(tmp_path: Path, session_data_dir: str, fashio
     assert out["targets"]["best_linear"] is None  # no full-label probe was asked for: no verdict is invented
 
 
+@pytest.mark.slow
+def test_gpu_script_smoke_run_on_cpu(tmp_path: Path) -> None:
+    """``gpu.py --smoke``: both sides (sslrun's FFCV trainer and the torchvision DataLoader) train resnet18 for a
+    few steps on synthetic JPEGs, each in its own process, and the FLOP count and table come out."""
+    out, text = _run("gpu.py", "--smoke", "--json", "--data-dir", str(tmp_path))
+    assert out["device"] == "cpu" and out["peak_tflops"] is None
+    r = out["results"]["resnet18"]
+    assert r["flops_per_step"] > 0
+    for side in ("sslrun", "torchvision"):
+        assert r[side]["steps"] == 2 and r[side]["images_per_s"] > 0, side
+        assert r[side]["mfu"] is None  # no peak for a CPU: no utilisation is invented
+    assert r["speedup"] == pytest.approx(r["sslrun"]["images_per_s"] / r["torchvision"]["images_per_s"])
+    assert "fp32 (CPU smoke run)" in text and "sslrun img/s" in text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_launch_script_two_workers(session_data_dir: str, fashion_mnist_dir: str) -> None:
+    """``launch.py`` on the embedded local Ray (loopback only): 2 CPU workers (gloo DDP), 2 steps, with Ray's
+    start-up, the time to the first step and the throughput in its JSON (one worker count: each costs a worker
+    group and FFCV's JIT; the scaling efficiency needs a 1-worker run and is None without one)."""
+    data = [f"data.root={fashion_mnist_dir}", f"data.data_dir={session_data_dir}", "data.max_samples=256"]
+    out, text = _run(
+        "launch.py",
+        *("--workers", "2", "--steps", "2", "--batch-size", "32", "--json"),
+        *(arg for item in data for arg in ("--set", item)),
+        timeout=280,
+    )
+    assert out["benchmark"] == "launch" and out["global_batch"] == 32 and out["ray_start_s"] > 0
+    (run,) = out["runs"]
+    assert run["workers"] == 2 and run["steps"] == 2 and run["loader_threads"] == 1
+    assert run["time_to_first_step_s"] > 0 and run["images_per_second"] > 0
+    assert run["scaling_efficiency"] is None
+    assert "2 worker(s): first step after" in text
+
+
 def test_gpu_script_refuses_cpu_without_smoke() -> None:
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible: the CPU refusal does not apply")

@@ -17,6 +17,15 @@ drawn once for the global batch and split by rank provably right. The model has 
 encoder and the heads' BatchNorms are in eval mode: on CPU/gloo, DDP cannot use SyncBatchNorm (it only works with
 GPU modules), so per-rank batch statistics would otherwise differ legitimately. float64 everywhere, so 1e-5
 tolerances test logic, not rounding. Every method runs inside ONE spawned job so the process start-up is paid once.
+
+BatchNorm in training mode and the pretext tasks are checked in the same job against what DDP must compute when
+statistics and randomness are per rank: BYOL and SimSiam on small_cnn (BatchNorm in the encoder and the heads),
+rotation (small_cnn) and MAE (ViT, random masks) run in training mode, wrapped exactly as the trainer wraps them
+(``ddp_wrap``), beside a plain copy on the same rank that sees the same shard and gets the mean of the ranks'
+plain gradients. Equal losses, gradients and final states (BN running statistics, pretext step counters) prove
+that each rank normalises its shard with its own batch statistics, keeps its own running statistics (the trainer
+does not broadcast rank 0's every step), draws its own pretext randomness, and that DDP's gradient is the mean of
+the per-rank gradients with every parameter used.
 """
 
 from __future__ import annotations
@@ -86,12 +95,66 @@ def _run(name: str, rank: int, world: int) -> dict[str, Any]:
     return {"losses": losses, "grads": grads, "state": state}
 
 
+#: Run in training mode, per-rank statistics and randomness: two methods with BatchNorm everywhere, two pretext tasks.
+TRAIN_MODE = ("byol", "simsiam", "rotation", "mae")
+
+
+def _build_train_mode(name: str) -> Method:
+    """``name`` with small heads: methods on small_cnn (BatchNorm), pretext tasks as test_pretext builds them."""
+    if name in get_registry("method").names():
+        return build_method(name)  # small_cnn(width=4): BatchNorm after every convolution
+    from test_pretext import build
+
+    return build(name, size=28)
+
+
+def _run_train_mode(name: str, rank: int, world: int) -> dict[str, Any]:
+    """Two steps of ``name`` in training mode under the trainer's DDP wrapping, and the same two steps on a plain
+    copy that gets the mean over ranks of the plain copies' gradients (what DDP must compute)."""
+    import copy
+
+    from sslrun.core.train.trainer import ddp_wrap
+
+    torch.manual_seed(0)
+    method = _build_train_mode(name).double().train()
+    plain = copy.deepcopy(method)
+    model = ddp_wrap(method, torch.device("cpu"))
+    params = [p for p in method.parameters() if p.requires_grad]
+    plain_params = [p for p in plain.parameters() if p.requires_grad]
+    opt, plain_opt = torch.optim.SGD(params, lr=0.5), torch.optim.SGD(plain_params, lr=0.5)
+    per_rank = GLOBAL_BATCH // world
+    out: dict[str, Any] = {"losses": [], "plain_losses": [], "grads": [], "plain_grads": []}
+    for step in range(STEPS):
+        views = [v.double() for v in make_views(method, GLOBAL_BATCH, image_size=28, seed=100 + step)]
+        shard = [v[rank * per_rank : (rank + 1) * per_rank] for v in views]
+        for m, o, loss_key, grad_key, ps in (
+            (model, opt, "losses", "grads", params),
+            (plain, plain_opt, "plain_losses", "plain_grads", plain_params),
+        ):
+            loss = m(shard)["loss"]
+            o.zero_grad()
+            loss.backward()
+            if m is plain:  # by hand what DDP does: the mean over ranks of every gradient
+                for p in ps:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+            out[loss_key].append(float(loss.detach()))
+            out[grad_key].append([p.grad.clone() for p in ps])
+            o.step()
+        method.on_after_step(step, momentum_now(method))
+        plain.on_after_step(step, momentum_now(plain))
+    out["state"] = {k: v.clone() for k, v in method.state_dict().items()}
+    out["plain_state"] = {k: v.clone() for k, v in plain.state_dict().items()}
+    return out
+
+
 def _worker(rank: int, world: int, port: int, out_dir: str, names: list[str]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         results = {name: _run(name, rank, world) for name in names}
+        results["train_mode"] = {name: _run_train_mode(name, rank, world) for name in TRAIN_MODE}
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -132,6 +195,34 @@ def test_ddp_matches_one_process_on_the_global_batch(name: str, ddp_results: dic
                 assert err < TOL, f"{name}: state {key} on rank {r} differs by {err:.2e}"
             else:
                 assert torch.equal(v, v_ref), f"{name}: state {key} on rank {r}"
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("name", TRAIN_MODE)
+def test_ddp_in_training_mode_is_per_rank_statistics_with_averaged_gradients(
+    name: str, ddp_results: dict[int, dict[str, Any]]
+) -> None:
+    ranks = [ddp_results[r]["train_mode"][name] for r in range(WORLD)]
+    for r, res in enumerate(ranks):
+        assert res["losses"] == pytest.approx(res["plain_losses"], abs=TOL), f"{name}: losses on rank {r}"
+        for step in range(STEPS):
+            for i, (g, g_ref) in enumerate(zip(res["grads"][step], res["plain_grads"][step], strict=True)):
+                err = float((g - g_ref).abs().max())
+                assert err < TOL, f"{name}: grad {i} at step {step} on rank {r} differs by {err:.2e}"
+        for key, v_ref in res["plain_state"].items():
+            v = res["state"][key]
+            assert torch.equal(v, v_ref) if not v.is_floating_point() else float((v - v_ref).abs().max()) < TOL, (
+                f"{name}: state {key} on rank {r}"
+            )
+    # guard the guard: the shards really differ, so per-rank statistics are exercised
+    assert ranks[0]["losses"] != pytest.approx(ranks[1]["losses"], abs=TOL), f"{name}: both ranks computed the same"
+    stats = [k for k in ranks[0]["state"] if k.endswith("running_mean")]
+    if name != "mae":  # the ViT has LayerNorm only
+        assert stats, f"{name}: no BatchNorm to compare"
+        assert any(not torch.allclose(ranks[0]["state"][k], ranks[1]["state"][k]) for k in stats)
+    weights = [k for k, v in ranks[0]["state"].items() if v.is_floating_point() and "running_" not in k]
+    for k in weights:  # the weights stay identical on every rank
+        assert float((ranks[0]["state"][k] - ranks[1]["state"][k]).abs().max()) < TOL, f"{name}: {k} differs"
 
 
 def test_cross_rank_negatives_change_the_simclr_loss() -> None:

@@ -177,8 +177,8 @@ def test_abandoned_epoch_is_closed_and_torch_threads_are_kept(loader: ViewLoader
 
 
 def test_mixed_image_sizes_are_cropped_by_a_decoder_per_view(tmp_path: Path) -> None:
-    """Files with one image size share one decode between the views; mixed sizes take the per-view decoder
-    path, with the same seeded crops."""
+    """Mixed image sizes share one padded decode between the views too, and each view's seeded crop reads the
+    sample's true size: the crops equal an independent reference."""
     rng = np.random.default_rng(1)
     imgs = [rng.integers(0, 256, (16, 16, 3) if i % 2 else (14, 20, 3), dtype=np.uint8) for i in range(16)]
     m = write_beton(
@@ -192,7 +192,7 @@ def test_mixed_image_sizes_are_cropped_by_a_decoder_per_view(tmp_path: Path) -> 
     )
     ld = ViewLoader(tmp_path / "mixed.beton", [PLAIN], 8, device="cpu", seed=SEED)
     try:
-        assert ld._first_view == 1  # no shared decoder
+        assert ld._first_view == 2  # mixed sizes share one padded decode too
         for b, (views, labels) in enumerate(ld.epoch(2)):
             crops = [_reference_crop(imgs[int(i)], 2, int(i), 0, PLAIN, SEED) for i in labels]
             ref = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float().div(255.0)

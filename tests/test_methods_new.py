@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from test_methods import TinyEncoder
 from torch import nn
 
 from sslrun.core.config import coerce_dataclass
@@ -35,20 +36,6 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     na = math.sqrt(sum(float(a[i]) ** 2 for i in range(a.shape[0])))
     nb = math.sqrt(sum(float(b[i]) ** 2 for i in range(b.shape[0])))
     return dot / (na * nb)
-
-
-class TinyEncoder(nn.Module):
-    """BatchNorm-free, any resolution, ``output_dim`` 16."""
-
-    def __init__(self, output_dim: int = 16) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, kernel_size=3, stride=2, padding=1)
-        self.pool = nn.AdaptiveAvgPool2d(2)
-        self.fc = nn.Linear(16, output_dim)
-        self.output_dim = output_dim
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pool(torch.relu(self.conv(x))).flatten(1))
 
 
 def tiny_vit() -> nn.Module:

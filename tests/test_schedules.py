@@ -158,3 +158,82 @@ def test_simsiam_marks_only_the_predictor_fixed() -> None:
     fixed = {id(p) for g in m.param_groups() if g.get("fixed_lr") for p in g["params"]}
     assert fixed == {id(p) for p in m.predictor.parameters()}
     assert sum(len(g["params"]) for g in m.param_groups()) == len([p for p in m.parameters() if p.requires_grad])
+
+
+def test_default_warmup_is_the_smaller_of_10_epochs_and_a_tenth_of_the_run() -> None:
+    """Unset, the warm-up is min(10 epochs, epochs / 10), so a short run reaches the cosine decay; an explicit
+    ``schedule.warmup_epochs`` is used as given."""
+    cfg = ExperimentConfig()
+    assert cfg.schedule.warmup_epochs is None
+    for epochs, warmup_steps in ((1, 10), (10, 100), (100, 1000), (400, 1000)):
+        cfg.schedule.epochs = epochs
+        s = build_schedules(cfg, steps_per_epoch=100)
+        assert s.warmup_steps == warmup_steps, epochs
+        peak = float(s.lr.max())
+        assert s.lr[warmup_steps - 1] == pytest.approx(peak)  # the warm-up ends at the peak
+        assert s.lr[-1] < 0.01 * peak  # and the cosine decays to the end
+    cfg.schedule.epochs, cfg.schedule.warmup_epochs = 1, 10.0  # explicit: the whole 1-epoch run warms up
+    s = build_schedules(cfg, steps_per_epoch=100)
+    assert s.warmup_steps == 100 and s.lr[-1] == pytest.approx(float(s.lr.max()))
+    with pytest.raises(ConfigError, match="warmup_epochs"):
+        ExperimentConfig.from_dict({"schedule": {"warmup_epochs": -1}})
+
+
+def test_the_launch_plan_line_shows_the_warmup(tmp_path) -> None:
+    from sslrun.cluster.plan import plan_launch
+
+    cfg = ExperimentConfig(output=str(tmp_path / "run"))
+    cfg.schedule.epochs = 1
+    line = plan_launch(cfg, embedded=True, local_cpus=2, local_gpus=0).describe()
+    assert line.endswith("; 1 epoch, lr warm-up 0.1 epochs then cosine"), line
+    cfg.schedule.epochs, cfg.schedule.warmup_epochs = 200, 5
+    assert (
+        plan_launch(cfg, embedded=True, local_cpus=2, local_gpus=0)
+        .describe()
+        .endswith("; 200 epochs, lr warm-up 5 epochs then cosine")
+    )
+
+
+@pytest.mark.parametrize("name", ["sgd", "lars", "adamw"])
+def test_frozen_groups_get_no_update_at_all(name: str) -> None:
+    """A group with ``frozen_steps`` keeps its weights exactly (no weight decay, no momentum) while frozen, then
+    trains; a zero gradient alone would still move them through weight decay."""
+    from sslrun.core.train.optim import drop_frozen_grads
+
+    torch.manual_seed(0)
+    frozen, free = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(4, 3))
+    zeroed = torch.nn.Parameter(frozen.detach().clone())
+    groups = [{"params": [frozen], "frozen_steps": 2}, {"params": [free]}, {"params": [zeroed]}]
+    opt = build_optimizer(groups, OptimCfg(name=name, weight_decay=0.1), lr=0.1)
+    start = frozen.detach().clone()
+    for step in range(3):
+        opt.zero_grad()
+        (frozen.sum() * (1.0 if step >= 2 else 0.0) + free.square().sum() + zeroed.sum() * 0.0).backward()
+        drop_frozen_grads(opt, step)
+        opt.step()
+        if step < 2:
+            assert torch.equal(frozen.detach(), start), f"{name}: moved at step {step}"
+    assert not torch.equal(frozen.detach(), start), f"{name}: still frozen after its period"
+    assert not torch.equal(zeroed.detach(), start), f"{name}: a zero gradient should have let weight decay act"
+
+
+def test_dino_puts_its_last_layer_in_frozen_groups() -> None:
+    from sslrun.core.interfaces import SetupContext
+    from sslrun.core.plugins.build import build_config
+    from sslrun.core.plugins.resolve import build_method
+
+    m = build_method(build_config(None, {"method.name": "dino"}, ["method.kwargs.norm_last_layer=false"]), 28)
+    m.setup(SetupContext(image_size=28, steps_per_epoch=7, total_steps=70))
+    groups = m.param_groups()
+    frozen = {id(p): g["frozen_steps"] for g in groups if "frozen_steps" in g for p in g["params"]}
+    assert frozen == {id(p): 7 for p in m.head.last_layer.parameters()}  # freeze_last_layer_epochs=1
+    assert sum(len(g["params"]) for g in groups) == len([p for p in m.parameters() if p.requires_grad])
+
+
+def test_lars_trust_coefficient_is_the_papers_where_their_lars_is_claimed() -> None:
+    from sslrun.core.plugins.build import build_config
+
+    assert OptimCfg().lars_eta == 0.001  # You et al. 2017 and the official SSL code
+    for name in ("barlow_twins", "vicreg", "swav", "mocov3", "nnclr"):
+        cfg = build_config(None, {"method.name": name})
+        assert (cfg.optim.name, cfg.optim.lars_eta) == ("lars", 0.001), name

@@ -189,6 +189,12 @@ class BetonReader:
         """``(N, 2)`` image heights and widths."""
         return np.stack([self.meta["image"]["height"], self.meta["image"]["width"]], 1).astype(np.int64)
 
+    def stored_bytes(self, i: int) -> np.ndarray:
+        """Sample ``i``'s image as stored: JPEG bytes (``jpg``) or ``h*w*3`` raw pixels, a uint8 copy."""
+        ptr = int(self.meta[i]["image"]["data_ptr"])
+        k = int(np.searchsorted(self._ptrs, ptr))
+        return np.array(self._data[ptr : ptr + int(self._sizes[k])])
+
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
         m = self.meta[i]
         img_m = m["image"]

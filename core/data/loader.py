@@ -1,8 +1,9 @@
 """The pretraining loader: several augmented views of every image, from ONE FFCV ``Loader``.
 
-:class:`ViewLoader` gives FFCV one pipeline per view, all fed by the ``image`` field (``PipelineSpec``): when the
-file's images have one size they are decoded once into a shared buffer that every view crops from, otherwise
-each view decodes on its own. The work is split by where it is cheapest:
+:class:`ViewLoader` gives FFCV one pipeline per view, all fed by the ``image`` field (``PipelineSpec``): each image
+is decoded once into a shared buffer that every view crops from (images of varying shape, such as whole photos
+prepared with imagefolder's ``max_side``, each in a slot of the largest size). The work is split by where it is
+cheapest:
 
 * in FFCV (CPU threads, numba): decode, random-resized crop and horizontal flip, seeded by
   ``(seed, epoch, sample index, view)`` (:mod:`sslrun.core.data.ops`; FFCV's own ops cannot be seeded);
@@ -149,25 +150,20 @@ class ViewLoader:
         # Fresh operation instances per view: FFCV maps each instance to one graph node, so a shared one would
         # make the graph ambiguous. Numba ops before ToTensor, torch ops after: a numba op after a torch op makes
         # FFCV 1.0.2's Loader() loop forever in Graph.group_operations. The image field itself is disabled (None):
-        # the views are extra outputs decoded from it (PipelineSpec). Images of one size (every sslrun-prepared
-        # split) are decoded ONCE into a shared buffer that each view crops from (a JPEG is decompressed once, not
-        # once per view); mixed sizes need a decoder per view. Outputs: (label, [decoded,] view 0, view 1, ...);
-        # the crops are identical either way.
-        shared = SimpleRGBImageDecoder() if source.uniform else None
+        # the views are extra outputs decoded from it (PipelineSpec). Each image is decoded ONCE into a shared
+        # buffer that each view crops from (a JPEG is decompressed once, not once per view): FFCV's decoder for
+        # images of one size, ops.PaddedRGBImageDecoder plus the per-sample size table for varying shapes.
+        # Outputs: (label, decoded, view 0, view 1, ...).
+        shared = SimpleRGBImageDecoder() if source.uniform else ops.PaddedRGBImageDecoder()
+        sizes = None if source.uniform else source.sizes
         pipelines: dict[str, Any] = {"image": None, "label": [IntDecoder(), ToTensor(), *to_device]}
-        if shared is not None:
-            pipelines["decoded"] = PipelineSpec("image", decoder=shared)
-        self._first_view = 2 if shared is not None else 1
+        pipelines["decoded"] = PipelineSpec("image", decoder=shared)
+        self._first_view = 2
         for i, v in enumerate(views):
+            crop = ops.SeededResizedCrop(self._state, i, (v.size, v.size), v.scale, v.ratio, sizes=sizes)
             flip = ops.SeededHorizontalFlip(self._state, i, v.flip_p)  # in place, on this view's own crop
             tail = [flip, ToTensor(), *([ToDevice(self.device, non_blocking=True)] if to_device else [])]
-            tail.append(ToTorchImage())
-            if shared is not None:
-                crop = ops.SeededResizedCrop(self._state, i, (v.size, v.size), v.scale, v.ratio)
-                pipelines[f"view_{i}"] = PipelineSpec(shared, transforms=[crop, *tail])
-            else:
-                decoder = ops.SeededRandomResizedCrop(self._state, i, (v.size, v.size), v.scale, v.ratio)
-                pipelines[f"view_{i}"] = PipelineSpec("image", decoder=decoder, transforms=tail)
+            pipelines[f"view_{i}"] = PipelineSpec(shared, transforms=[crop, *tail, ToTorchImage()])
 
         n = num_samples if max_samples is None else min(max_samples, num_samples)
         subset = np.arange(n, dtype=np.uint64)

@@ -2,9 +2,12 @@
 
 A prepared split is ``<file>.beton`` plus ``<file>.beton.json``::
 
-    {"format": "sslrun-beton/1", "dataset", "split", "num_samples", "image_size": [H, W] (max), "grayscale",
-     "num_classes", "mean": [r, g, b] (0..1), "std", "bytes", "sha256", "label_histogram": {label: count},
-     "image_format": "raw"|"jpg", "fields": [[name, type], ...], "dataset_config": {...}, "created"}
+    {"format": "sslrun-beton/1", "dataset", "split", "num_samples", "image_size": [H, W] (max),
+     "image_size_min": [H, W], "grayscale", "num_classes", "mean": [r, g, b] (0..1), "std", "bytes", "sha256",
+     "label_histogram": {label: count}, "image_format": "raw"|"jpg", "jpeg_quality", "skipped", "skipped_files",
+     "fields": [[name, type], ...], "dataset_config": {...}, "created"}
+
+Manifests written before a key existed lack it and read back with its default.
 
 Why a manifest: FFCV checks only the header version of a ``.beton``, so a file cut short at the end or with a
 flipped data byte iterates with no error at all; the recorded size and sha256 are what
@@ -36,12 +39,16 @@ class Manifest:
         dataset: dataset plugin name; split: its split.
         num_samples: number of (image, label) records.
         image_size: ``[H, W]``, the largest image height and width.
+        image_size_min: ``[H, W]``, the smallest; equal to ``image_size`` when every image has one size (square
+            crops), smaller for whole images of varying shape (imagefolder's ``max_side``). None: not recorded.
         grayscale: images are grayscale replicated to 3 channels (models may use ``x[:, :1]``).
         num_classes: classes of the dataset, None when unknown/unlabelled.
         mean, std: per-channel statistics of the pixels in [0, 1] (for normalisation).
         bytes, sha256: size and checksum of the .beton.
         label_histogram: ``{label: count}`` (-1 = unlabelled).
         image_format: ``raw`` or ``jpg``.
+        jpeg_quality: the JPEG quality of a ``jpg`` file (None for ``raw``).
+        skipped: raw files the dataset left out (unreadable); skipped_files: ``"path (error)"`` of the first 1000.
         fields: ``[[name, FFCV field type], ...]`` in file order.
         dataset_config: the dataset plugin's Config used (minus ``download``); a cache with other settings is
             prepared again.
@@ -59,6 +66,10 @@ class Manifest:
     sha256: str
     label_histogram: dict[int, int]
     image_format: str = "raw"
+    image_size_min: list[int] | None = None
+    jpeg_quality: int | None = None
+    skipped: int = 0
+    skipped_files: list[str] = field(default_factory=list)
     fields: list[list[str]] = field(default_factory=lambda: [list(f) for f in FIELDS])
     dataset_config: dict[str, Any] | None = None
     created: str = ""
@@ -82,6 +93,8 @@ class Manifest:
             data["label_histogram"] = {int(k): int(v) for k, v in data["label_histogram"].items()}
             names = {f.name for f in dataclasses.fields(cls)}
             m = cls(**{k: v for k, v in data.items() if k in names})
+            if m.image_size_min is not None and len(m.image_size_min) != 2:
+                raise ValueError("image_size_min has the wrong length")
             if len(m.image_size) != 2 or len(m.mean) != 3 or len(m.std) != 3 or m.num_samples < 0:
                 raise ValueError("image_size/mean/std have the wrong length")
         except (ValueError, TypeError, KeyError, AttributeError) as exc:

@@ -16,9 +16,9 @@ before each epoch's iterator thread starts and keeps it alive as long as the loa
 Interpolation: FFCV's decoder resizes with OpenCV ``INTER_AREA``, which is right for shrinking but behaves almost
 like nearest-neighbour when enlarging (libffcv/ffcv#245; measured: an 8x8 crop enlarged to 28x28 had 59% equal
 vertical neighbours, against 9% for bilinear). Small datasets (28-32 px) enlarge on nearly every crop, so when a
-crop is smaller than the output in either dimension this decoder resamples bilinearly itself (the torchvision
+crop is smaller than the output in either dimension the crop op resamples bilinearly itself (the torchvision
 ``RandomResizedCrop`` convention: half-pixel centres, no antialiasing, which is exact for enlargement); crops at
-least as large as the output keep ``INTER_AREA``, which antialiases. Doing it in the decoder keeps all cropping in
+least as large as the output keep ``INTER_AREA``, which antialiases. Doing it in the crop op keeps all cropping in
 FFCV's threads; a torch-side resize would need ragged crops to be padded or handled one by one.
 """
 
@@ -36,8 +36,8 @@ from sslrun.core.data.ffcv_compat import import_ffcv
 
 import_ffcv()
 
-from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
-from ffcv.libffcv import imdecode, resize_crop
+from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
+from ffcv.libffcv import imdecode, memcpy, resize_crop
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
@@ -48,8 +48,8 @@ from numba.extending import intrinsic
 
 __all__ = [
     "AugmentState",
+    "PaddedRGBImageDecoder",
     "SeededHorizontalFlip",
-    "SeededRandomResizedCrop",
     "SeededResizedCrop",
     "crop_params",
     "crop_for",
@@ -174,8 +174,8 @@ def crop_for(
     scale: tuple[float, float],
     ratio: tuple[float, float],
 ) -> tuple[int, int, int, int]:
-    """``(top, left, h, w)`` that :class:`SeededRandomResizedCrop` takes from sample ``index`` (from Python:
-    for tests and for reproducing a view)."""
+    """``(top, left, h, w)`` that :class:`SeededResizedCrop` takes from sample ``index`` (from Python: for tests
+    and for reproducing a view)."""
     key = sample_key(_U64(seed % (1 << 63)), _U64(epoch), _U64(index), _U64(_check_view_salt(view) | CROP_SALT))
     return crop_params(_U64(key), int(height), int(width), float(scale[0]), float(scale[1]), *map(math.log, ratio))
 
@@ -245,76 +245,38 @@ def _check_crop_range(scale: tuple[float, float], ratio: tuple[float, float]) ->
         raise ValueError(f"ratio must satisfy 0 < lo <= hi, got {ratio}")
 
 
-class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
-    """Decode an ``RGBImageField`` and take a random-resized crop seeded by ``(seed, epoch, index, view)``.
+class PaddedRGBImageDecoder(SimpleRGBImageDecoder):
+    """Decode an ``RGBImageField`` whose images vary in size, ONCE per sample, for every view to crop from.
 
-    Args:
-        state: the loader's :class:`AugmentState` (kept alive by the caller).
-        view: this view's index; views of one sample get independent crops.
-        output_size: ``(height, width)`` of the output.
-        scale: range of the crop area as a fraction of the image area.
-        ratio: range of the crop aspect ratio (width / height).
+    FFCV's ``SimpleRGBImageDecoder`` refuses mixed sizes, and its crop decoders decode once per view (8 decodes
+    of each JPEG for DINO's multi-crop). This one writes each image, ``h x w x 3`` with row stride ``w``, to the
+    start of a ``max_h x max_w x 3`` slot of the batch buffer; :class:`SeededResizedCrop` given the file's
+    per-sample size table reads it back from there. Memory per batch is the same as one crop decoder's scratch
+    buffer.
     """
 
-    def __init__(
-        self,
-        state: AugmentState,
-        view: int,
-        output_size: tuple[int, int],
-        scale: tuple[float, float] = (0.08, 1.0),
-        ratio: tuple[float, float] = (3 / 4, 4 / 3),
-    ) -> None:
-        super().__init__(output_size)
-        _check_crop_range(scale, ratio)
-        self.state = state
-        self.salt = _check_view_salt(view) | CROP_SALT
-        self.scale = (float(scale[0]), float(scale[1]))
-        self.ratio = (float(ratio[0]), float(ratio[1]))
-
-    @property
-    def get_crop_generator(self) -> Any:  # required by the abstract base; our crops come from crop_params
-        return crop_params
+    def declare_state_and_memory(self, previous_state: State) -> tuple[State, AllocationQuery]:
+        shape = (int(self.metadata["height"].max()), int(self.metadata["width"].max()), 3)
+        dtype = np.dtype("<u1")
+        return replace(previous_state, jit_mode=True, shape=shape, dtype=dtype), AllocationQuery(shape, dtype)
 
     def generate_code(self) -> Any:
-        # Capture plain locals only: referencing `self` inside the compiled function is a numba TypingError.
-        jpg = IMAGE_MODES["jpg"]
         mem_read = self.memory_read
-        my_range = Compiler.get_iterator()
-        # A fresh dispatcher per decoder, as FFCV's own decoders do. (A module-level one shared by two loaders'
-        # pipelines failed the second compilation with a numba KeyError; the root cause, ffcv mutating numba's
-        # interned array type, is fixed in ffcv_compat, but per-decoder dispatchers stay the conservative choice.)
         imdecode_c = Compiler.compile(imdecode)
-        resize_crop_c = Compiler.compile(resize_crop)
-        address = self.state.address
-        salt = _U64(self.salt)
-        scale_lo, scale_hi = self.scale
-        log_r0, log_r1 = math.log(self.ratio[0]), math.log(self.ratio[1])
-        out_h, out_w = int(self.output_size[0]), int(self.output_size[1])
+        memcpy_c = Compiler.compile(memcpy)
+        jpg = IMAGE_MODES["jpg"]
+        my_range = Compiler.get_iterator()
 
-        def decode(batch_indices, my_storage, metadata, storage_state):
-            destination, temp_storage = my_storage
-            st = numba.carray(_address_as_voidptr(address), (2,), np.int64)
-            seed, epoch = _U64(st[0]), _U64(st[1])
+        def decode(batch_indices, destination, metadata, storage_state):
             for dst_ix in my_range(len(batch_indices)):
-                source_ix = batch_indices[dst_ix]
-                field = metadata[source_ix]
+                field = metadata[batch_indices[dst_ix]]
                 image_data = mem_read(field["data_ptr"], storage_state)
-                height = np.uint32(field["height"])
-                width = np.uint32(field["width"])
+                height, width = field["height"], field["width"]
+                flat = destination[dst_ix].reshape(-1)
                 if field["mode"] == jpg:
-                    temp_buffer = temp_storage[dst_ix]
-                    imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False)
-                    selected_size = 3 * height * width
-                    temp_buffer = temp_buffer.reshape(-1)[:selected_size]
-                    temp_buffer = temp_buffer.reshape(height, width, 3)
+                    imdecode_c(image_data, flat, height, width, height, width, 0, 0, 1, 1, False, False)
                 else:
-                    temp_buffer = image_data.reshape(height, width, 3)
-                key = sample_key(seed, epoch, _U64(source_ix), salt)
-                top, left, h, w = crop_params(key, int(height), int(width), scale_lo, scale_hi, log_r0, log_r1)
-                if h < out_h or w < out_w:
-                    bilinear_crop_resize(temp_buffer, top, left, h, w, destination[dst_ix])
-                else:
-                    resize_crop_c(temp_buffer, top, top + h, left, left + w, destination[dst_ix])
+                    memcpy_c(image_data, flat)
             return destination[: len(batch_indices)]
 
         decode.is_parallel = True
@@ -322,12 +284,13 @@ class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
 
 
 class SeededResizedCrop(Operation):
-    """Random-resized crop of already decoded ``HxWx3`` uint8 images, seeded like
-    :class:`SeededRandomResizedCrop` (same stream: the two give identical crops).
+    """Random-resized crop of already decoded ``HxWx3`` uint8 images, seeded by ``(seed, epoch, index, view)``
+    (:func:`crop_for` gives the same crop from Python).
 
-    For files whose images all have one size: one shared decoder (FFCV's ``SimpleRGBImageDecoder``) then feeds
-    every view's crop, so a JPEG is decompressed once per sample instead of once per view (2x fewer decodes for
-    SimCLR, 4x and more for DINO's multi-crop). The decoded buffer is only read here, never modified.
+    One shared decoder (FFCV's ``SimpleRGBImageDecoder`` for images of one size, :class:`PaddedRGBImageDecoder`
+    for whole images of varying shape) feeds every view's crop, so a JPEG is decompressed once per sample instead
+    of once per view (2x fewer decodes for SimCLR, 8x for DINO's multi-crop). The decoded buffer is only read
+    here, never modified.
 
     Args:
         state: the loader's :class:`AugmentState`.
@@ -335,6 +298,8 @@ class SeededResizedCrop(Operation):
         output_size: ``(height, width)`` of the output.
         scale: range of the crop area as a fraction of the image area.
         ratio: range of the crop aspect ratio (width / height).
+        sizes: for a :class:`PaddedRGBImageDecoder` input, the file's ``(N, 2)`` table of image heights and
+            widths by sample index (kept alive here; the compiled code reads it through its address).
     """
 
     def __init__(
@@ -344,11 +309,13 @@ class SeededResizedCrop(Operation):
         output_size: tuple[int, int],
         scale: tuple[float, float] = (0.08, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        sizes: np.ndarray | None = None,
     ) -> None:
         super().__init__()
         _check_crop_range(scale, ratio)
         self.state = state
         self.salt = _check_view_salt(view) | CROP_SALT
+        self.sizes = None if sizes is None else np.ascontiguousarray(sizes, dtype=np.int64).reshape(-1, 2)
         self.output_size = (int(output_size[0]), int(output_size[1]))
         self.scale = (float(scale[0]), float(scale[1]))
         self.ratio = (float(ratio[0]), float(ratio[1]))
@@ -366,6 +333,8 @@ class SeededResizedCrop(Operation):
         scale_lo, scale_hi = self.scale
         log_r0, log_r1 = math.log(self.ratio[0]), math.log(self.ratio[1])
         out_h, out_w = self.output_size
+        if self.sizes is not None:
+            return self._variable_size_code(my_range, resize_crop_c, address, salt, scale_lo, scale_hi, log_r0, log_r1)
 
         def crop(images, dst, batch_indices):
             st = numba.carray(_address_as_voidptr(address), (2,), np.int64)
@@ -384,12 +353,40 @@ class SeededResizedCrop(Operation):
         crop.with_indices = True  # the sample indices seed the crops
         return crop
 
+    def _variable_size_code(self, my_range: Any, resize_crop_c: Any, address: int, salt: np.uint64,
+                            scale_lo: float, scale_hi: float, log_r0: float, log_r1: float) -> Any:  # fmt: skip
+        """The crop for :class:`PaddedRGBImageDecoder` output: each image's true size from the size table."""
+        assert self.sizes is not None
+        sizes_address, n = int(self.sizes.ctypes.data), len(self.sizes)
+        out_h, out_w = self.output_size
+
+        def crop(images, dst, batch_indices):
+            st = numba.carray(_address_as_voidptr(address), (2,), np.int64)
+            seed, epoch = _U64(st[0]), _U64(st[1])
+            table = numba.carray(_address_as_voidptr(sizes_address), (n, 2), np.int64)
+            for i in my_range(images.shape[0]):
+                index = batch_indices[i]
+                height, width = table[index, 0], table[index, 1]
+                img = images[i].reshape(-1)[: height * width * 3].reshape(height, width, 3)
+                key = sample_key(seed, epoch, _U64(index), salt)
+                top, left, h, w = crop_params(key, height, width, scale_lo, scale_hi, log_r0, log_r1)
+                if h < out_h or w < out_w:
+                    bilinear_crop_resize(img, top, left, h, w, dst[i])
+                else:
+                    resize_crop_c(img, top, top + h, left, left + w, dst[i])
+            return dst
+
+        crop.is_parallel = True
+        crop.with_indices = True
+        return crop
+
 
 class SeededHorizontalFlip(Operation):
     """Flip HxWx3 uint8 images left-right, in place, with probability ``p`` seeded by ``(seed, epoch, index, view)``.
 
-    In place (no allocation, no copy of unflipped images): it must directly follow a decoder whose output no
-    other pipeline branches from, which holds for :class:`sslrun.core.data.loader.ViewLoader` (one decoder per view).
+    In place (no allocation, no copy of unflipped images): it must directly follow an operation whose output no
+    other pipeline branches from, which holds for :class:`sslrun.core.data.loader.ViewLoader` (each view's own
+    crop; never the shared decoder).
 
     Args:
         state: the loader's :class:`AugmentState`.

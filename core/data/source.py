@@ -4,7 +4,7 @@ instead of a silent misread or a failure deep inside numba."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,8 @@ class Source:
             whose std is 0).
         num_samples: samples in the file.
         uniform: every image has the same size (true of every split ``sslrun data prepare`` writes from a
-            dataset of fixed-size images).
+            dataset of fixed-size images; false for whole images kept with imagefolder's ``max_side``).
+        sizes: ``(N, 2)`` int64 image heights and widths by sample index (from the file's metadata).
     """
 
     path: Path
@@ -37,6 +38,7 @@ class Source:
     std: tuple[float, ...]
     num_samples: int
     uniform: bool
+    sizes: np.ndarray = field(repr=False, compare=False)
 
     @classmethod
     def open(cls, path: Path) -> Source:
@@ -55,7 +57,7 @@ class Source:
         sizes = BetonReader(path).sizes
         uniform = bool((sizes == sizes[0]).all()) if len(sizes) else True
         size = (int(m.image_size[0]), int(m.image_size[1]))
-        return cls(path, size, mean, std, int(m.num_samples), uniform)
+        return cls(path, size, mean, std, int(m.num_samples), uniform, sizes)
 
 
 def usable_workers(requested: int) -> int:

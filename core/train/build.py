@@ -10,6 +10,7 @@ per epoch are known, before the schedules and the optimiser are built from the m
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -31,9 +32,19 @@ from sslrun.core.train.checkpoint import checkpoint_dir, seed_all
 from sslrun.core.train.optim import build_optimizer
 from sslrun.core.train.schedules import Schedules, build_schedules
 
-__all__ = ["Run", "build_model", "build_run", "check_run_config", "pin_threads", "prepare_for_ranks"]
+__all__ = [
+    "Run",
+    "build_model",
+    "build_run",
+    "check_run_config",
+    "pin_threads",
+    "prepare_for_ranks",
+    "use_sync_bn",
+]
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -148,17 +159,34 @@ def build_model(cfg: ExperimentConfig, image_size: int, device: torch.device | N
     """The method of ``cfg`` for ``image_size`` pixel images, on ``device``, in the run's memory format.
 
     ``system.channels_last`` speeds up convolutions on CUDA (tensor cores) and on the CPU (oneDNN): small_cnn
-    steps 1.46x and resnet18 1.07x faster (docs/benchmarks.md). Under CUDA DDP with ``system.sync_bn``,
-    BatchNorm layers become SyncBatchNorm; on CPU ranks they stay per rank, since DDP over gloo refuses
-    SyncBatchNorm (``ValueError: SyncBatchNorm layers only work with GPU modules``).
+    steps 1.46x and resnet18 1.07x faster (docs/benchmarks.md). BatchNorm becomes SyncBatchNorm where
+    :func:`use_sync_bn` says so.
     """
     device = device or torch.device("cpu")
     method = resolve.build_method(cfg, image_size).to(device)
     if cfg.system.channels_last:
         method = method.to(memory_format=torch.channels_last)
-    if device.type == "cuda" and world_size() > 1 and cfg.system.sync_bn:
+    if use_sync_bn(cfg, method, device, world_size()):
         method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
     return method
+
+
+def use_sync_bn(cfg: ExperimentConfig, method: Method, device: torch.device, world: int) -> bool:
+    """Whether the method's BatchNorm layers become SyncBatchNorm: under DDP on CUDA with ``system.sync_bn``,
+    unless the method keeps BatchNorm per rank on purpose: a non-empty ``per_rank_batchnorm`` attribute (the
+    reason, e.g. MoCo v2's shuffling BN), which is then said in one log line.
+
+    On CPU ranks BatchNorm always stays per rank: DDP over gloo refuses SyncBatchNorm (``ValueError:
+    SyncBatchNorm layers only work with GPU modules``).
+    """
+    if device.type != "cuda" or world < 2 or not cfg.system.sync_bn:
+        return False
+    reason = method.per_rank_batchnorm
+    if reason:
+        if rank() == 0:
+            log.warning("%s keeps BatchNorm per rank, system.sync_bn does not apply to it: %s", cfg.method.name, reason)
+        return False
+    return True
 
 
 def build_run(cfg: ExperimentConfig, device: torch.device) -> Run:
@@ -226,7 +254,9 @@ def build_run(cfg: ExperimentConfig, device: torch.device) -> Run:
 
 
 def prepare_for_ranks(cfg: ExperimentConfig, split: str | None, device: torch.device) -> Path:
-    """The prepared ``.beton`` of ``split``: the first rank of each node prepares it, the others then reuse it."""
+    """The local ``.beton`` of ``split``: the first rank of each node prepares it (or, under a store URI data dir,
+    copies it to the node), the others then reuse it. In a process that refuses to prepare (Ray workers, see
+    :func:`sslrun.core.data.cache.refuse_preparing`) a split that is not there is one line on every rank instead."""
     from sslrun.core.data.cache import ensure_prepared
 
     local_first = int(os.environ.get("LOCAL_RANK", str(rank()))) == 0

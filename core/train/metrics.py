@@ -64,7 +64,7 @@ class MetricsLogger(TrainHooks):
                 f"training {cfg.method.name} + {cfg.encoder.name} on {cfg.data.dataset}: "
                 f"{run.steps_per_epoch} steps/epoch x {cfg.schedule.epochs} epochs "
                 f"(global batch {cfg.data.batch_size} on {run.world} worker(s), {run.device}); "
-                f"peak lr {run.peak_lr:.4g}"
+                f"peak lr {run.peak_lr:.4g}, warm-up {run.schedules.warmup_steps} steps then cosine"
             )
         else:
             where = f"step {state.step} (epoch {state.epoch + 1}, batch {state.batch})"
@@ -130,6 +130,7 @@ class MetricsLogger(TrainHooks):
             state.epoch,
             state.final_loss,
             metrics["perf/images_per_s"],
+            data_share=data_s / (data_s + compute_s) if data_s + compute_s > 0 else None,
             force=state.step >= run.max_steps,
         )
         self._window = _Window()

@@ -5,33 +5,26 @@ unconditionally. Scalars go to both TensorBoard (``OUTPUT/tb``) and ``OUTPUT/met
 log step: ``{"step", "epoch", "time", <tag>: value, ...}``, where ``epoch`` is fractional progress, steps divided by
 steps per epoch), so a run can be inspected without TensorBoard.
 
-The progress display is a rich bar when stdout is a terminal and plain periodic lines otherwise (log files,
-Ray workers, CI), at most one every ``PLAIN_EVERY_S`` seconds apart from the first and the last.
+The progress display is :class:`~sslrun.core.train.progress.ProgressView`: a rich bar when stdout is a terminal and
+plain periodic lines otherwise. In a Ray worker (``SSLRUN_PROGRESS_EVENTS=1``, set by ``sslrun launch``) rank 0
+prints each log step's scalars as one event line instead, and the driver shows them in the same view.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sys
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["Monitor", "flatten_hparams", "format_eta"]
+from sslrun.core.distributed import world_size
+from sslrun.core.train.progress import EVENTS_ENV, PLAIN_EVERY_S, ProgressView, event_line, format_eta
 
-#: Minimum seconds between two plain progress lines.
-PLAIN_EVERY_S = 10.0
-
-
-def format_eta(seconds: float) -> str:
-    """``H:MM:SS`` (or ``?`` when unknown)."""
-    if not math.isfinite(seconds) or seconds < 0:
-        return "?"
-    s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+__all__ = ["PLAIN_EVERY_S", "Monitor", "flatten_hparams", "format_eta"]
 
 
 def flatten_hparams(data: dict[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
@@ -80,10 +73,7 @@ class Monitor:
         self.start_step = start_step
         self.writer: Any = None
         self._metrics_file: Any = None
-        self._bar: Any = None
-        self._task: Any = None
-        self._last_plain = -math.inf
-        self._t0 = time.perf_counter()
+        self._view: ProgressView | None = None
         self.mode = "off"
         if not enabled:
             return
@@ -94,23 +84,19 @@ class Monitor:
             # purge_step drops events a crashed attempt logged after the checkpoint we resume from
             self.writer = SummaryWriter(str(output / "tb"), purge_step=start_step if start_step > 0 else None)
         self._metrics_file = open(output / "metrics.jsonl", "a" if start_step > 0 else "w")  # noqa: SIM115
-        mode = progress
-        if mode == "auto":
-            mode = "bar" if sys.stdout.isatty() else "plain"
-        self.mode = mode
-        if mode == "bar":
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self._bar = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"),
-                TimeRemainingColumn(),
-                transient=False,
-            )
-            self._bar.start()
-            self._task = self._bar.add_task("train", total=total_steps, completed=start_step, info="")
+        if os.environ.get(EVENTS_ENV) == "1" and progress != "off":
+            self.mode = "events"  # the launch driver draws the display from these (and from the echoed lines)
+            return
+        # Untimestamped here: `sslrun train` keeps its plain lines as they were; the launch driver adds the time.
+        self._view = ProgressView(
+            progress,
+            total_steps=total_steps,
+            epochs=epochs,
+            world_size=world_size(),
+            start_step=start_step,
+            timestamps=False,
+        )
+        self.mode = self._view.mode
 
     # ---- scalars ----------------------------------------------------------------------------------------
     def scalars(self, step: int, epoch: float, values: dict[str, float]) -> None:
@@ -123,6 +109,10 @@ class Monitor:
         row = {"step": step, "epoch": epoch, "time": round(time.time(), 3), **values}
         self._metrics_file.write(json.dumps(row) + "\n")
         self._metrics_file.flush()
+        if self.mode == "events":  # a few hundred bytes per log step into a file Ray tails: training never waits
+            print(event_line({**row, "total": self.total_steps, "epochs": self.epochs}), flush=True)
+        elif self._view is not None and "knn/top1" in values:
+            self._view.knn_top1 = float(values["knn/top1"])
 
     def text(self, tag: str, text: str, step: int) -> None:
         """A note in TensorBoard's text tab (and on the console)."""
@@ -170,36 +160,34 @@ class Monitor:
             self.writer.add_scalar(k, v)
 
     # ---- progress ---------------------------------------------------------------------------------------
-    def progress(self, step: int, epoch: int, loss: float, images_per_s: float, *, force: bool = False) -> None:
-        """Update the bar, or print a plain line (throttled unless ``force``)."""
-        if not self.enabled or self.mode == "off":
-            return
-        elapsed = time.perf_counter() - self._t0
-        done = step - self.start_step
-        eta = elapsed / done * (self.total_steps - step) if done > 0 else math.inf
-        info = f"epoch {epoch + 1}/{self.epochs}  loss {loss:.4f}  {images_per_s:,.0f} img/s"
-        if self._bar is not None:
-            self._bar.update(self._task, completed=step, info=info)
-            return
-        now = time.perf_counter()
-        if force or now - self._last_plain >= PLAIN_EVERY_S:
-            self._last_plain = now
-            self.echo(f"step {step}/{self.total_steps}  {info}  eta {format_eta(eta)}")
+    def progress(
+        self,
+        step: int,
+        epoch: int,
+        loss: float,
+        images_per_s: float,
+        *,
+        data_share: float | None = None,
+        force: bool = False,
+    ) -> None:
+        """Update the bar, or print a plain line (throttled unless ``force``); ``data_share`` is the share of step
+        time spent waiting for data (a slow loader is said once)."""
+        if self.enabled and self._view is not None:
+            self._view.update(step, epoch, loss, images_per_s, data_share=data_share, force=force)
 
     def echo(self, line: str) -> None:
         """A line on the console (above the bar when there is one)."""
         if not self.enabled or self.mode == "off":
             return
-        if self._bar is not None:
-            self._bar.console.print(line, markup=False, highlight=False)
+        if self._view is not None:
+            self._view.echo(line)
         else:
-            print(line, flush=True)
+            print(line, flush=True)  # events mode: the driver shows it
 
     def close(self) -> None:
         """Flush and close everything (safe to call twice)."""
-        if self._bar is not None:
-            self._bar.stop()
-            self._bar = None
+        if self._view is not None:
+            self._view.close()
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()

@@ -2,7 +2,9 @@
 
 ``method.param_groups()`` decides which parameters decay: a group that sets its own ``weight_decay`` (biases and
 normalisation parameters, with 0) keeps it for the whole run; every other group follows the weight-decay schedule.
-Groups marked ``"lars_exclude": True`` also skip LARS's layer-wise adaptation, as in SimCLR and BYOL.
+Groups marked ``"lars_exclude": True`` also skip LARS's layer-wise adaptation, as in SimCLR and BYOL. Groups with
+``"frozen_steps": N`` get no update at all during the first ``N`` global steps (:func:`drop_frozen_grads`), and
+groups marked ``"fixed_lr": True`` keep the peak lr (:func:`apply_schedules`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 from sslrun.core.config import OptimCfg
 from sslrun.core.errors import ConfigError
 
-__all__ = ["LARS", "apply_schedules", "build_optimizer"]
+__all__ = ["LARS", "apply_schedules", "build_optimizer", "drop_frozen_grads"]
 
 #: Param-group key set by :func:`build_optimizer`: True where the group follows the weight-decay schedule.
 SCHEDULED_WD = "scheduled_wd"
@@ -132,3 +134,18 @@ def apply_schedules(
         group["lr"] = base * group.get("lr_scale", 1.0)
         if group.get(SCHEDULED_WD, True):
             group["weight_decay"] = weight_decay
+
+
+def drop_frozen_grads(optimizer: torch.optim.Optimizer, step: int) -> None:
+    """Set the gradients of every group with ``"frozen_steps" > step`` to None, between backward and
+    ``optimizer.step()``.
+
+    An optimiser skips a parameter without a gradient entirely, so weight decay, momentum and LARS leave it
+    unchanged; a zero gradient would not (weight decay and the momentum buffer would still move it). This is
+    DINO's ``cancel_gradients_last_layer``. The method still uses the parameters in its graph (their gradient is
+    0 there), so DDP sees every parameter used and its reduction completes as usual.
+    """
+    for group in optimizer.param_groups:
+        if group.get("frozen_steps", 0) > step:
+            for p in group["params"]:
+                p.grad = None

@@ -8,7 +8,8 @@ end exactly where an uninterrupted run would.
 
 The closed forms (``s`` = global step, ``T`` = total steps, ``W`` = warm-up steps):
 
-* lr:        ``base * (s + 1) / W`` for ``s < W`` (linear warm-up, Goyal et al. 2017), then
+* lr:        ``base * (s + 1) / W`` for ``s < W`` (linear warm-up, Goyal et al. 2017; ``W`` is
+             ``schedule.warmup_epochs``, by default the smaller of 10 epochs and a tenth of the run), then
              ``final + (base - final) * (1 + cos(pi * (s - W) / (T - W))) / 2`` (SGDR, Loshchilov & Hutter 2017).
 * weight decay: the same cosine from ``weight_decay`` to ``weight_decay_end`` with no warm-up (DINO); constant
   when ``weight_decay_end`` is None.
@@ -107,7 +108,7 @@ def build_schedules(
         momentum: ``method.momentum_schedule()`` (``(base, final)``) or None.
     """
     total = cfg.schedule.epochs * steps_per_epoch
-    warmup = min(round(cfg.schedule.warmup_epochs * steps_per_epoch), total)
+    warmup = min(round(cfg.schedule.warmup * steps_per_epoch), total)
     peak = scaled_lr(cfg.optim.lr, cfg.data.batch_size)
     lr = warmup_cosine(peak, peak * cfg.schedule.min_lr_ratio, total, warmup)
     wd_end = cfg.optim.weight_decay if cfg.optim.weight_decay_end is None else cfg.optim.weight_decay_end

@@ -18,6 +18,7 @@ import contextlib
 import inspect
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -38,11 +39,20 @@ from sslrun.core.train.checkpoint import check_compatible, checkpoint_dir, load_
 from sslrun.core.train.metrics import MetricsLogger
 from sslrun.core.train.monitor import Monitor
 from sslrun.core.train.online_knn import KnnMonitor
-from sslrun.core.train.optim import apply_schedules
+from sslrun.core.train.optim import apply_schedules, drop_frozen_grads
 from sslrun.core.train.state import StepResult, TrainState
 from sslrun.core.train.stop import stop_on_signals
 
-__all__ = ["TrainResult", "check_output_free", "fit", "resolve_device", "summary_line", "train", "train_step"]
+__all__ = [
+    "TrainResult",
+    "check_output_free",
+    "ddp_wrap",
+    "fit",
+    "resolve_device",
+    "summary_line",
+    "train",
+    "train_step",
+]
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +174,7 @@ def train_step(loop: Loop, views: list[torch.Tensor]) -> StepResult:
     grad_norm = None
     if run.cfg.optim.grad_clip is not None:
         grad_norm = nn.utils.clip_grad_norm_(run.method.parameters(), run.cfg.optim.grad_clip)
+    drop_frozen_grads(run.optimizer, state.step)  # after clipping, as DINO's main_dino.py does
     run.optimizer.step()
     run.method.on_after_step(state.step, momentum)
     state.step += 1
@@ -263,22 +274,29 @@ def _wrap(run: Run) -> nn.Module:
     """The method as trained: in DDP over several ranks, compiled with ``system.compile``."""
     model: nn.Module = run.method
     if run.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # Buffers are not re-sent every step: the ones that must agree (MoCo queue, DINO centre, step counters)
-        # are kept identical by the methods themselves, and re-sending them (MoCo: 32 MiB) buys nothing. BN
-        # running stats stay per rank; rank 0's are checkpointed and evaluated. torch >= 2.13 renamed the flag;
-        # DDP's constructor still syncs buffers once, so every rank starts identical.
-        no_sync = (
-            {"forward_sync_buffers": False}
-            if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-            else {"broadcast_buffers": False}
-        )
-        cuda = run.device.type == "cuda"
-        model = DistributedDataParallel(model, device_ids=[run.device.index] if cuda else None, **no_sync)
+        model = ddp_wrap(model, run.device)
     if run.cfg.system.compile:
         model = torch.compile(model)  # type: ignore[assignment]
     return model
+
+
+def ddp_wrap(method: nn.Module, device: torch.device) -> nn.Module:
+    """``method`` in :class:`~torch.nn.parallel.DistributedDataParallel` with the trainer's settings.
+
+    Buffers are not re-sent every step: the ones that must agree (MoCo queue, DINO centre, step counters) are kept
+    identical by the methods themselves, and re-sending them (MoCo: 32 MiB) buys nothing. BatchNorm running
+    statistics stay per rank, each from its own shard; rank 0's are checkpointed and evaluated. DDP's constructor
+    still syncs buffers once, so every rank starts identical. torch >= 2.13 renamed the flag.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    no_sync = (
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+        else {"broadcast_buffers": False}
+    )
+    cuda = device.type == "cuda"
+    return DistributedDataParallel(method, device_ids=[device.index] if cuda else None, **no_sync)
 
 
 @contextlib.contextmanager
@@ -297,11 +315,30 @@ def _process_group(device: torch.device) -> Iterator[None]:
 
 # ---- for the CLI and launchers -------------------------------------------------------------------------------
 def check_output_free(cfg: ExperimentConfig) -> None:
-    """Refuse to start a fresh run over an existing one (its checkpoints would be mixed with the new ones).
+    """Refuse an output directory the run cannot use, on the driver, before anything is built: one that cannot be
+    created or written (it would fail only once the first rank starts writing), or a fresh run over an existing
+    one (its checkpoints would be mixed with the new ones). Leaves nothing behind: directories created to try
+    are removed again (a refused launch must not leave an empty run directory).
 
     Raises:
-        ConfigError: ``OUTPUT/checkpoints/last.pt`` exists and ``cfg.resume`` is off.
+        ConfigError: the output cannot be created or written, or ``OUTPUT/checkpoints/last.pt`` exists and
+            ``cfg.resume`` is off.
     """
+    out = Path(cfg.output).expanduser()
+    created = [d for d in (out, *out.parents) if not d.exists()]  # deepest first
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"--output {cfg.output} cannot be written ({exc.strerror or exc}); choose a directory you can create "
+            f"and write to"
+        ) from None
+    finally:
+        for d in created:
+            with contextlib.suppress(OSError):
+                d.rmdir()
     last = checkpoint_dir(cfg) / "last.pt"
     if not cfg.resume and last.exists():
         raise ConfigError(

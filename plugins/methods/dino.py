@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -130,6 +131,20 @@ class DINO(Method):
         self.warmup_steps = _in_steps(cfg.teacher_temp_warmup_steps, cfg.teacher_temp_warmup_epochs, ctx)
         self.freeze_steps = _in_steps(cfg.freeze_last_layer_steps, cfg.freeze_last_layer_epochs, ctx)
 
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The default groups, with the last layer's parameters split off into groups marked ``"frozen_steps"``:
+        during the frozen period the trainer sets their gradients to None before the optimiser step, so weight
+        decay, momentum and LARS leave them unchanged, as ``cancel_gradients_last_layer`` does in ``main_dino.py``
+        (a zero gradient alone would still let weight decay move them when ``norm_last_layer=False``)."""
+        last = {id(p) for p in self.head.last_layer.parameters()}
+        out = []
+        for group in super().param_groups():
+            out.append({**group, "params": [p for p in group["params"] if id(p) not in last]})
+            frozen = [p for p in group["params"] if id(p) in last]
+            if frozen:
+                out.append({**group, "params": frozen, "frozen_steps": self.freeze_steps})
+        return out
+
     @classmethod
     def view_specs(cls, cfg: DINOConfig, image_size: int) -> list[ViewSpec]:
         """Two global views (BYOL's asymmetric blur/solarize pair at ``global_crops_scale``) and
@@ -171,7 +186,8 @@ class DINO(Method):
         """``views = [global_1, global_2, local_1, ...]`` -> ``{"loss", "teacher_temp"}``."""
         if len(views) < 2:
             raise ValueError(f"dino needs the 2 global views first, got {len(views)} view(s)")
-        # 0 while the last layer is frozen, 1 afterwards: gates its gradient without a host sync
+        # 0 while the last layer is frozen, 1 afterwards: gates its gradient without a host sync. The layer stays in
+        # the graph, so DDP sees it used; the trainer then drops its zero gradient (param_groups' frozen_steps)
         gate = (self.step_count >= self.freeze_steps).float()
         student_out = _multicrop(self.encoder, lambda f: self.head(f, gate), views)
         with torch.no_grad():

@@ -59,17 +59,18 @@ class MoCoV2(Method):
     positive) and a queue of ``K`` keys from earlier batches (the negatives).
 
     Queue and DDP: every rank enqueues the keys of the GLOBAL batch (all-gathered, in rank order), so the queues
-    of all ranks stay identical. The queue is a registered buffer: it is saved in checkpoints, and under DDP with
-    ``broadcast_buffers=True`` rank 0's copy is broadcast to every rank before each forward. That broadcast is
-    redundant here (the queues are already equal) and costs ``K * output_dim * 4`` bytes per step (32 MiB with the
-    defaults); a trainer that sets ``broadcast_buffers=False`` loses nothing for this method.
+    of all ranks stay identical. The queue is a registered buffer, saved in checkpoints; the trainer does not
+    re-broadcast buffers under DDP, which would only re-send ``K * output_dim * 4`` bytes per step (32 MiB with
+    the defaults) that every rank already holds.
 
     Shuffling BN: with several ranks and ``shuffle_bn``, the key batch is gathered, permuted with a permutation
     drawn on rank 0 and broadcast, split back over the ranks for the key encoder, and un-shuffled afterwards (the
     official ``_batch_shuffle_ddp``). With one process a permutation cannot change batch statistics, so nothing is
-    done. If the key encoder uses SyncBatchNorm (the trainer converts BN on CUDA when ``system.sync_bn`` is on),
-    statistics are over the global batch whatever the order and the shuffle is skipped: prefer
-    ``--set system.sync_bn=false`` with MoCo v2 to keep the paper's per-rank BN with shuffling.
+    done. SyncBatchNorm would not stop the leak shuffling BN exists for: the positive key would still be
+    normalised with the statistics of the current batch and the queued negatives with those of earlier batches,
+    a difference the query can learn to spot (MoCo, section 3.3). So with ``shuffle_bn`` the method keeps BN per
+    rank (:attr:`per_rank_batchnorm`) and the trainer's ``system.sync_bn`` does not apply to it, which the trainer
+    says at run time; ``shuffle_bn=false`` lets ``system.sync_bn`` apply on CUDA.
 
     The key encoder is updated after each optimiser step (:meth:`on_after_step`); the paper updates it at the start
     of the next forward, which is the same sequence of weights.
@@ -92,6 +93,14 @@ class MoCoV2(Method):
         # random unit vectors as initial negatives, as in the official code
         self.register_buffer("queue", F.normalize(torch.randn(cfg.queue_size, cfg.output_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    @property
+    def per_rank_batchnorm(self) -> str:
+        """Why BatchNorm must stay per rank (read by the trainer before it converts BN to SyncBatchNorm); empty
+        when it need not."""
+        if not self.cfg.shuffle_bn:
+            return ""
+        return "shuffling BN, as in the paper; set method.kwargs.shuffle_bn=false to use SyncBatchNorm instead"
 
     @classmethod
     def view_specs(cls, cfg: MoCoV2Config, image_size: int) -> list[ViewSpec]:
