@@ -398,6 +398,8 @@ def test_sslrun_train_simclr_fashion_mnist_writes_everything(
         "log.log_every=2",
         "--set",
         "method.kwargs.hidden_dim=128",
+        "--set",
+        "schedule.warmup_epochs=10",  # the whole run is warm-up (checked on the lr curve below)
     ]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
