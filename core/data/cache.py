@@ -34,6 +34,7 @@ from sslrun.core.errors import ConfigError, DataError
 from sslrun.core.plugins.registry import get_registry
 
 __all__ = [
+    "cached_manifest",
     "cached_path",
     "dataset_from_cfg",
     "ensure_prepared",
@@ -72,6 +73,17 @@ def _resolve_split(ds: Any, split: str | None, name: str) -> str:
     if split not in ds.splits:
         raise ConfigError(f"dataset {name!r} has no split {split!r}; splits: {', '.join(ds.splits)}")
     return split
+
+
+def cached_manifest(data_cfg: DataCfg, split: str) -> Manifest | None:
+    """The manifest of ``split`` in the local cache when it was prepared with ``data_cfg``'s settings, else None.
+    Read without hashing the ``.beton``: for readers that need only sizes and statistics."""
+    sidecar = manifest_path(cached_path(data_cfg, split))
+    if not sidecar.is_file():
+        return None
+    m = Manifest.from_json(sidecar.read_text(), sidecar)
+    _, config = dataset_from_cfg(data_cfg)
+    return None if _cache_mismatch(m, data_cfg.dataset, split, data_cfg.format, config) else m
 
 
 def _cache_mismatch(m: Manifest, name: str, split: str, fmt: str, config: dict[str, Any]) -> str | None:

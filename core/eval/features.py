@@ -75,18 +75,14 @@ def pretraining_manifest(cfg: ExperimentConfig) -> Any | None:
     """The manifest (:class:`sslrun.core.data.manifest.Manifest`) of the run's pretraining split when it is in the local
     data cache (``data.data_dir``), else None. Read without hashing the .beton: only sizes and statistics are
     needed here."""
-    from sslrun.core.data.cache import cached_path
-    from sslrun.core.data.manifest import Manifest, manifest_path
+    from sslrun.core.data.cache import cached_manifest
     from sslrun.core.plugins.registry import get_registry
 
     try:
         split = cfg.data.split or get_registry("dataset").get(cfg.data.dataset).splits[0]
-        sidecar = manifest_path(cached_path(cfg.data, split))
-        if sidecar.is_file():
-            return Manifest.from_json(sidecar.read_text(), sidecar)
+        return cached_manifest(cfg.data, split)  # None when the cache holds the split with other settings
     except (DataError, OSError, IndexError):
-        pass  # a damaged or foreign cache entry: callers fall back to the plugin's declared values
-    return None
+        return None  # a damaged or foreign cache entry: callers fall back to the plugin's declared values
 
 
 def _pretraining_image_size(cfg: ExperimentConfig, ckpt: dict[str, Any]) -> int:
