@@ -31,7 +31,6 @@ the per-rank gradients with every parameter used.
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from net import free_port
 from test_methods import VIT_ONLY, TinyEncoder, build_method, make_views, momentum_now
 
 from sslrun.core.interfaces import Method, SetupContext
@@ -160,17 +160,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str, names: list[str]) ->
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str, Any]]:
     out_dir = tmp_path_factory.mktemp("ddp")
     names = get_registry("method").names()
-    mp.spawn(_worker, args=(WORLD, _free_port(), str(out_dir), names), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(WORLD, free_port(), str(out_dir), names), nprocs=WORLD, join=True)
     return {r: torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)}
 
 

@@ -37,6 +37,9 @@ from sslrun.cluster.plan import LaunchPlan, plan_launch, resource_shortfall
 from sslrun.core.config import ExperimentConfig
 from sslrun.core.errors import ConfigError
 
+# by package path: Ray workers import this module (its `_record_batches`) without tests/ on sys.path
+from sslrun.tests.net import free_port, require_loopback_namespace
+
 CONFIGS = Path(__file__).resolve().parents[1] / "cluster" / "configs"
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "cluster.md"
 SSLRUN = str(Path(sys.executable).with_name("sslrun"))
@@ -244,20 +247,6 @@ def test_every_launch_command_in_the_cluster_docs_parses() -> None:
 
 
 # ---- Ray: shared helpers -------------------------------------------------------------------------------------
-def _require_loopback_namespace() -> None:
-    others = [name for _, name in socket.if_nameindex() if name != "lo"]
-    if others:
-        pytest.fail(
-            f"Ray tests must run in a loopback-only network namespace (found interfaces {others}); run: "
-            "unshare -n sh -c 'ip link set lo up; export GLOO_SOCKET_IFNAME=lo RAY_USAGE_STATS_ENABLED=0; "
-            ".venv/bin/pytest tests/test_launch.py'"
-        )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stop_process_tree(proc: subprocess.Popen) -> None:
@@ -294,8 +283,8 @@ def _token_auth() -> Iterator[None]:
 def ray_head() -> Iterator[tuple[str, int]]:
     """One `ray start --head` (2 CPUs, loopback) for the in-process tests of this module: its address and the
     port of its Prometheus metrics endpoint."""
-    _require_loopback_namespace()
-    port, metrics_port = _free_port(), _free_port()
+    require_loopback_namespace("tests/test_launch.py")
+    port, metrics_port = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="sslrun-ray-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
     proc = subprocess.Popen(
         [
@@ -308,7 +297,7 @@ def ray_head() -> Iterator[tuple[str, int]]:
             "--num-gpus=0",
             "--include-dashboard=true",  # Ray Train's state tracking (on by default in sslrun) queries it
             "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={_free_port()}",
+            f"--dashboard-port={free_port()}",
             f"--metrics-export-port={metrics_port}",
             "--disable-usage-stats",
             f"--temp-dir={temp_dir}",
@@ -547,7 +536,7 @@ def test_sigterm_checkpoints_and_stops_then_resume_finishes_on_the_embedded_defa
     """The CLI on the embedded default (its own local Ray): SIGTERM once training runs makes every rank finish its
     step, write a checkpoint and stop, and the command exit 0; the same command again is refused, and with
     --resume it continues from that checkpoint to max_steps."""
-    _require_loopback_namespace()
+    require_loopback_namespace("tests/test_launch.py")
     out, max_steps = tmp_path / "demo", 60
 
     def first_step() -> bool:
@@ -585,7 +574,7 @@ def test_sigterm_checkpoints_and_stops_then_resume_finishes_on_the_embedded_defa
 def test_two_simulated_nodes_get_one_worker_each_with_strict_spread(tmp_path: Path) -> None:
     """`--address` to a two-node ``ray.cluster_utils.Cluster`` (head without CPUs): STRICT_SPREAD puts the two
     ranks on the two worker nodes (checked by node id: every simulated node has the same IP)."""
-    _require_loopback_namespace()
+    require_loopback_namespace("tests/test_launch.py")
     from ray.cluster_utils import Cluster
 
     temp_dir = tempfile.mkdtemp(prefix="sslrun-ray-", dir="/tmp")

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from net import free_port, require_loopback_namespace
 
 from sslrun.core.config import DataCfg
 from sslrun.core.data.cache import locate, prepare_split
@@ -39,32 +40,16 @@ NO_LOOKUPS = {
 SMALL = ["--set", "num_samples=64", "--set", "size=16", "--set", "test_samples=16"]
 
 
-def _require_loopback_namespace() -> None:
-    others = [name for _, name in socket.if_nameindex() if name != "lo"]
-    if others:
-        pytest.fail(
-            f"storage tests must run in a loopback-only network namespace (found interfaces {others}); run: "
-            "unshare -n sh -c 'ip link set lo up; export GLOO_SOCKET_IFNAME=lo RAY_USAGE_STATS_ENABLED=0; "
-            ".venv/bin/pytest tests/test_storage.py'"
-        )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3() -> Iterator[str]:
     """A moto S3 server on 127.0.0.1 for this module, fake credentials in the environment; yields its host:port."""
-    _require_loopback_namespace()
+    require_loopback_namespace("tests/test_storage.py")
     from moto.server import ThreadedMotoServer
 
     with pytest.MonkeyPatch.context() as mp:
         for k, v in {**FAKE_KEYS, **NO_LOOKUPS}.items():
             mp.setenv(k, v)
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
         server.start()
         try:
             yield f"127.0.0.1:{server.get_host_and_port()[1]}"
@@ -215,7 +200,7 @@ def s3_auth() -> Iterator[tuple[str, dict[str, str]]]:
     host:port and the keys of a user that may only read."""
     import boto3
 
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
         env={**os.environ, **FAKE_KEYS, "INITIAL_NO_AUTH_ACTION_COUNT": "4"},
@@ -269,7 +254,7 @@ def test_bad_data_dirs_are_one_line_each_in_bounded_time(
         "bucket 'no-such-bucket' does not exist",
     )
     _bad(
-        [*prep, f"s3://b/data?endpoint_override=127.0.0.1:{_free_port()}&scheme=http"],
+        [*prep, f"s3://b/data?endpoint_override=127.0.0.1:{free_port()}&scheme=http"],
         env,
         "cannot connect to the endpoint",
     )
