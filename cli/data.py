@@ -32,7 +32,12 @@ def data_prepare(
     ] = "raw",
     data_dir: DataDirOpt = None,
     settings: Annotated[
-        list[str] | None, typer.Option("--set", help="Dataset setting KEY=VALUE, e.g. --set size=96 (imagefolder).")
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Dataset setting KEY=VALUE, e.g. --set size=96 or --set max_side=256 --set jpeg_quality=85 "
+            "(imagefolder).",
+        ),
     ] = None,
     workers: Annotated[int, typer.Option(min=1, help="Writer processes (1 = in this process).")] = 1,
     force: Annotated[bool, typer.Option("--force", help="Prepare again even if a valid cached file exists.")] = False,
@@ -57,7 +62,8 @@ def data_prepare(
     for s, path, m, written in done:
         h, w = m.image_size
         state = "prepared" if written else "cached, verified"
-        typer.echo(f"{name}/{s}: {m.num_samples} samples, {h}x{w}, {m.image_format} -> {path} ({state})")
+        stored = f"jpg quality {m.jpeg_quality}" if m.jpeg_quality is not None else m.image_format
+        typer.echo(f"{name}/{s}: {m.num_samples} samples, {h}x{w}, {stored} -> {path} ({state})")
 
 
 @app.command("inspect")

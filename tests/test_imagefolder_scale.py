@@ -147,6 +147,50 @@ def test_unreadable_files_are_counted_and_listed_in_the_manifest(tmp_path: Path)
     assert all("(" in s for s in m.skipped_files)  # each with its error
 
 
+def test_jpeg_quality_is_a_setting_recorded_in_the_manifest_and_part_of_the_cache_key(tmp_path: Path) -> None:
+    """``--set jpeg_quality=N`` reaches the encoder (a lower quality: a smaller file and pixels further from the
+    source), the manifest records it, and a cached file of another quality is prepared again, never reused."""
+    paths = write_photo_folder(tmp_path / "photos", 12, classes=1)
+    cache = tmp_path / "cache"
+    base = ["data", "prepare", "imagefolder", "--root", str(tmp_path / "photos"), "--data-dir", str(cache),
+            "--set", "max_side=128", "--set", "labels=none", "--format", "jpg"]  # fmt: skip
+    beton = cache / "imagefolder" / "train.beton"
+
+    def prepare(*settings: str) -> tuple[str, dict]:
+        res = runner.invoke(app, [*base, *[a for s in settings for a in ("--set", s)]])
+        assert res.exit_code == 0, res.output
+        m = verify_beton(beton)
+        r = BetonReader(beton)
+        source = load_whole(paths[0], 128).astype(np.float64)
+        error = float(np.abs(r[0][0].astype(np.float64) - source).mean())  # sample 0 is paths[0] (labels=none)
+        jpegs = sum(len(r.stored_bytes(i)) for i in range(len(r)))  # the file itself is whole 2 MiB pages
+        return res.output, {"jpegs": jpegs, "quality": m.jpeg_quality, "config": m.dataset_config, "error": error}
+
+    out, q90 = prepare()  # the default: 90, FFCV's
+    assert "imagefolder/train: 12 samples" in out and "jpg quality 90" in out and "(prepared)" in out, out
+    assert q90["quality"] == 90 and q90["config"]["jpeg_quality"] is None
+
+    out, q30 = prepare("jpeg_quality=30")
+    assert "jpeg_quality" in out.split("re-preparing", 1)[1].splitlines()[0], out  # says why it is not reused
+    assert "jpg quality 30" in out and "(prepared)" in out, out
+    assert q30["quality"] == 30 and q30["config"]["jpeg_quality"] == 30
+    assert q30["jpegs"] < 0.6 * q90["jpegs"], (q30, q90)  # the quality reached the encoder
+    assert q30["error"] > q90["error"] + 0.5, (q30, q90)
+
+    out, again = prepare("jpeg_quality=30")
+    assert "(cached, verified)" in out and "re-preparing" not in out and again == q30, out
+    out, back = prepare("jpeg_quality=90")  # 90 asked for explicitly is another setting than the default
+    assert "(prepared)" in out and back["quality"] == 90 and back["jpegs"] == q90["jpegs"], out
+
+    for bad, says in [
+        (["--set", "jpeg_quality=0"], "imagefolder jpeg_quality must be in 1..100, got 0"),
+        (["--set", "jpeg_quality=80", "--format", "raw"], "jpeg_quality=80 applies only to JPEG files"),
+    ]:
+        res = runner.invoke(app, [*base, *bad, "-o", str(tmp_path / "bad.beton")])
+        assert res.exit_code == 2 and f"error: {says}" in res.output, res.output
+    assert not (tmp_path / "bad.beton").exists()
+
+
 # ---- preparation at scale: memory bound, interruption (subprocesses) -----------------------------------------------
 # The libraries are loaded first and left out of the figure, and the figure is the sum of the processes' private
 # pages (USS): the libraries' shared pages count in a process's PSS divided by however many processes on the
@@ -260,3 +304,59 @@ def test_interrupted_preparation_leaves_nothing_and_can_be_rerun(tmp_path: Path)
     assert proc.returncode == 0, err[-2000:]
     assert verify_beton(out).num_samples == 400
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos", "x.beton", "x.beton.json"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_the_previous_cached_file_and_the_next_prepare_starts_over(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while ``sslrun data prepare`` re-prepares a
+    cached split with another JPEG quality: the writers exit, the temporary file is deleted, and the complete file
+    prepared before is left exactly as it was (never replaced by a half-written one). The next ``prepare`` starts
+    over and writes a verified file with the new quality."""
+    import psutil
+
+    write_photo_folder(tmp_path / "photos", 400, classes=1, workers=2)
+    cache = tmp_path / "cache"
+    beton = cache / "imagefolder" / "train.beton"
+    args = ["data", "prepare", "imagefolder", "--root", str(tmp_path / "photos"), "--data-dir", str(cache),
+            "--set", "max_side=512", "--set", "labels=none", "--format", "jpg", "--workers", "2"]  # fmt: skip
+    # the default SIGINT handler, as in a terminal (a shell without job control starts background jobs ignoring it)
+    code = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); import sslrun.cli as c; c.main()"
+
+    def start(*settings: str) -> subprocess.Popen:
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        extra = [a for s in settings for a in ("--set", s)]
+        return subprocess.Popen([sys.executable, "-c", code, *args, *extra], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)  # fmt: skip
+
+    proc = start("jpeg_quality=50")
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0 and "jpg quality 50" in out and "(prepared)" in out, err[-2000:]
+    before = verify_beton(beton)
+
+    proc = start("jpeg_quality=90")
+    deadline = time.monotonic() + 120
+    # a first 2 MiB page of JPEGs (~75 of the 400 images at up to 500 px) is in the file: the writers are busy
+    while sum(p.stat().st_size for p in beton.parent.glob("train.beton.tmp-*")) <= 2 << 20:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.01)
+    workers = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    assert len(workers) >= 2
+    os.killpg(proc.pid, signal.SIGINT)  # the parent and its writers, like Ctrl-C
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode != 0 and "interrupted: nothing was written" in err, err[-2000:]
+    assert "(prepared)" not in out, out
+    end = time.monotonic() + 10
+    while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in workers):
+        assert time.monotonic() < end, "writer processes kept running after Ctrl-C"
+        time.sleep(0.1)
+    assert sorted(p.name for p in beton.parent.iterdir()) == ["train.beton", "train.beton.json", "train.beton.lock"]
+    kept = verify_beton(beton)  # size and sha256 checked against the manifest
+    assert (kept.sha256, kept.jpeg_quality, kept.created) == (before.sha256, 50, before.created)
+
+    proc = start("jpeg_quality=90")
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-2000:]
+    assert "re-preparing" in err and "jpg quality 90" in out and "(prepared)" in out, (out, err[-2000:])
+    after = verify_beton(beton)
+    assert after.num_samples == 400 and after.jpeg_quality == 90 and after.sha256 != before.sha256
+    assert not list(beton.parent.glob("*.tmp-*"))

@@ -91,10 +91,10 @@ def _cache_mismatch(m: Manifest, name: str, split: str, fmt: str, config: dict[s
         return f"it holds {m.dataset}/{m.split}"
     if m.image_format != fmt:
         return f"it stores {m.image_format} images, {fmt} was asked for"
-    if m.dataset_config != config:
-        changed = sorted(
-            k for k in set(config) | set(m.dataset_config or {}) if config.get(k) != (m.dataset_config or {}).get(k)
-        )
+    old = m.dataset_config or {}
+    # a setting absent on one side counts as None: a setting added in a later version does not void old caches
+    changed = sorted(k for k in set(config) | set(old) if config.get(k) != old.get(k))
+    if changed:
         return f"the dataset settings changed ({', '.join(changed)})"
     return None
 

@@ -45,6 +45,7 @@ import numpy as np
 from sslrun.core.data.ffcv_compat import import_ffcv
 from sslrun.core.data.format import remember_verified
 from sslrun.core.data.manifest import Manifest, manifest_path
+from sslrun.core.data.samples import check_sample, jpeg_quality_for, page_size_for
 from sslrun.core.errors import ConfigError, DataError, SslrunError
 from sslrun.core.files import atomic_write_text, sha256_file
 from sslrun.core.system import usable_cores
@@ -53,7 +54,6 @@ __all__ = ["write_beton"]
 
 # Mean/std are estimated from at most this many pixels per image (exact for images up to 32x32).
 _STATS_PIXELS = 1024
-_MIN_PAGE = 1 << 21  # FFCV's smallest page size (2 MiB); pages must be powers of two
 _MAX_LISTED_SKIPS = 1000  # skipped files named in the manifest (all of them are counted)
 _PLAIN_PROGRESS_S = 30.0  # without a terminal (cluster logs): one progress line this often
 
@@ -84,40 +84,6 @@ class _PixelStats:
         mean = tot[:3] / n
         var = np.maximum(tot[3:6] / n - mean**2, 0.0)
         return [round(float(x), 6) for x in mean / 255.0], [round(float(x), 6) for x in np.sqrt(var) / 255.0]
-
-
-def _check_sample(sample: Any, i: int, where: str, num_classes: int | None, page_size: int | None) -> tuple:
-    """``(image, label)`` checked for what RGBImageField/IntField need; a DataError naming the sample otherwise."""
-    try:
-        img, label = sample
-    except (TypeError, ValueError):
-        raise DataError(f"{where}: sample {i} is {type(sample).__name__}, expected an (image, label) pair") from None
-    if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
-        desc = f"{img.dtype} array of shape {img.shape}" if isinstance(img, np.ndarray) else type(img).__name__
-        raise DataError(
-            f"{where}: sample {i} image is a {desc}; expected an HxWx3 uint8 array (grayscale: replicate it to "
-            f"3 channels with np.repeat(img[..., None], 3, 2))"
-        )
-    if min(img.shape[:2]) < 1 or max(img.shape[:2]) > 65535:
-        raise DataError(f"{where}: sample {i} image has shape {img.shape}; sides must be in 1..65535")
-    if page_size is not None and img.nbytes > page_size:
-        raise DataError(
-            f"{where}: sample {i} image {img.shape} ({img.nbytes} bytes) does not fit the file's {page_size}-byte "
-            f"pages, sized from the first image; shrink the images (e.g. imagefolder's max_side or size)"
-        )
-    if isinstance(label, bool) or not isinstance(label, int | np.integer):
-        raise DataError(f"{where}: sample {i} label is {label!r}; expected an int (-1 for unlabelled)")
-    label = int(label)
-    if label < -1 or (num_classes is not None and label >= num_classes):
-        raise DataError(f"{where}: sample {i} label {label} is outside -1..{(num_classes or 0) - 1}")
-    return np.ascontiguousarray(img), label
-
-
-def _page_size(first_nbytes: int, n: int) -> int:
-    # small sets: FFCV's smallest page (2 MiB) keeps files small (about a page of slack per writer); big sets:
-    # FFCV's 8 MiB default. Always room for a sample twice as large as the first one.
-    base = _MIN_PAGE if first_nbytes * n < (1 << 30) else 4 * _MIN_PAGE
-    return max(base, 1 << math.ceil(math.log2(max(2 * first_nbytes, 1))))
 
 
 def _rate_eta(done: int, total: int, elapsed: float) -> str:
@@ -346,7 +312,7 @@ def write_beton(
     fmt: str = "raw",
     num_workers: int = 1,
     dataset_config: dict[str, Any] | None = None,
-    jpeg_quality: int = 90,
+    jpeg_quality: int | None = None,
     progress: bool = True,
 ) -> Manifest:
     """Write ``samples`` as an FFCV .beton (fields ``image``, ``label``) plus its manifest, atomically.
@@ -361,7 +327,9 @@ def write_beton(
         num_workers: 1 encodes (and reads the samples) in this process; more forks writer processes under a
             watchdog; 0 = one per usable core.
         dataset_config: the dataset plugin's config, recorded so a cache with other settings is re-prepared.
-        jpeg_quality: JPEG quality (1-100) for ``fmt="jpg"``; recorded in the manifest.
+        jpeg_quality: JPEG quality (1-100) for ``fmt="jpg"``; recorded in the manifest. None: the split's own
+            ``samples.jpeg_quality`` when it has one (a dataset setting, e.g. imagefolder's), else 90 (FFCV's
+            default).
         progress: show progress (images, img/s, ETA) on stderr.
 
     Returns:
@@ -370,25 +338,25 @@ def write_beton(
     Raises:
         DataError: no samples, a sample that is not ``(HxWx3 uint8, int)`` (named by index), or a writer failure.
             Nothing is left at ``output`` on failure.
-        ConfigError: an unknown ``fmt``, ``num_workers < 0`` or a JPEG quality outside 1-100.
+        ConfigError: an unknown ``fmt``, ``num_workers < 0``, a JPEG quality outside 1-100, or a JPEG quality
+            asked for with ``fmt="raw"``.
     """
     if fmt not in ("raw", "jpg"):
         raise ConfigError(f"unknown image format {fmt!r}; use 'raw' (exact pixels) or 'jpg' (smaller files)")
     if num_workers < 0:
         raise ConfigError(f"num_workers must be >= 0 (0 = one per usable core), got {num_workers}")
-    if not 1 <= jpeg_quality <= 100:
-        raise ConfigError(f"jpeg_quality must be in 1..100 (90 is FFCV's default), got {jpeg_quality}")
+    jpeg_quality = jpeg_quality_for(jpeg_quality, samples, fmt)
     num_workers = num_workers or usable_cores()
     output = Path(output)
     where = f"{dataset}/{split}"
     n = len(samples)
     if n == 0:
         raise DataError(f"{where} has no samples; nothing to write to {output}")
-    first_img, _ = _check_sample(samples[0], 0, where, num_classes, None)
-    page_size = _page_size(first_img.nbytes, n)
+    first_img, _ = check_sample(samples[0], 0, where, num_classes, None)
+    page_size = page_size_for(first_img.nbytes, n)
 
     def check(sample: Any, i: int) -> tuple:
-        return _check_sample(sample, i, where, num_classes, page_size)
+        return check_sample(sample, i, where, num_classes, page_size)
 
     import_ffcv()
     from ffcv import fields as ffcv_fields

@@ -1,7 +1,7 @@
 """Your own images: a class-per-folder tree (``root/<class>/*.jpg``, labels from the folder names) or a flat folder
 of unlabelled images (labels ``-1``), either whole (``max_side``: aspect ratio kept, the longer side shrunk to at most
 ``max_side``, as FFCV's ImageNet files) or as ``size`` x ``size`` squares (shorter side to ``size``, then centre
-crop; the default, for small images).
+crop; the default, for small images). ``jpeg_quality`` sets the quality of the stored JPEGs under ``format=jpg``.
 
 Whole images matter for pretraining at ImageNet scale: SimCLR/BYOL/DINO draw random-resized crops (down to 8% of
 the area) from the whole image at load time, so a centre square cut at preparation time would throw away what lies
@@ -155,8 +155,11 @@ class FolderSplit(Sequence[tuple[np.ndarray, int]]):
         where: Path,
         num_threads: int | None = None,
         max_side: int | None = None,
+        jpeg_quality: int | None = None,
     ) -> None:
         self.size, self.max_side = size, max_side
+        #: JPEG quality the writer encodes this split with under ``format=jpg`` (None: the writer's default, 90).
+        self.jpeg_quality = jpeg_quality
         threads = num_threads or min(8, usable_cores() + 2)
 
         def check(item: tuple[Path, int]) -> str:
@@ -221,6 +224,9 @@ class ImageFolder(Dataset):
         max_side: keep whole images, aspect ratio kept, shrunk so that the longer side is at most this many
             pixels (never enlarged), e.g. 256 or 512 for 224-px training as in FFCV's ImageNet files; views are then
             cropped from the whole image at load time. None (the default): centre squares of ``size``.
+        jpeg_quality: JPEG quality (1-100) of the stored images when the split is prepared with ``format=jpg``;
+            None (the default) = 90, FFCV's default. Recorded in the manifest, and part of the cached file's
+            settings, so a file prepared with another quality is prepared again rather than reused.
         labels: ``auto`` (class folders if the root holds only sub-folders, unlabelled if it holds only images),
             ``folders`` (sub-folder = class; loose files at the top are ignored) or ``none`` (every image under
             root, at any depth, unlabelled).
@@ -232,6 +238,7 @@ class ImageFolder(Dataset):
         max_side: int | None = None
         labels: Literal["auto", "folders", "none"] = "auto"
         test_fraction: float = 0.1
+        jpeg_quality: int | None = None
 
         def __post_init__(self) -> None:
             if self.size < 8:
@@ -240,6 +247,11 @@ class ImageFolder(Dataset):
                 raise ConfigError(
                     f"imagefolder max_side must be in 8..4096 pixels, got {self.max_side}; e.g. 256 or 512 for "
                     f"224-px training"
+                )
+            if self.jpeg_quality is not None and not 1 <= self.jpeg_quality <= 100:
+                raise ConfigError(
+                    f"imagefolder jpeg_quality must be in 1..100, got {self.jpeg_quality}; e.g. 90 (the default) or 75 "
+                    f"for smaller files"
                 )
             if not 0.0 <= self.test_fraction < 1.0:
                 raise ConfigError(f"imagefolder test_fraction must be in [0, 1), got {self.test_fraction}")
@@ -365,4 +377,4 @@ class ImageFolder(Dataset):
         if not files:
             raise DataError(f"imagefolder split {split!r} of {root} is empty; add images or lower test_fraction")
         where = root if dirs is None else dirs[split]
-        return FolderSplit(files, self.cfg.size, where, max_side=self.cfg.max_side)
+        return FolderSplit(files, self.cfg.size, where, max_side=self.cfg.max_side, jpeg_quality=self.cfg.jpeg_quality)
