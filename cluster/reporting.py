@@ -4,8 +4,8 @@ throughput -> Ray metrics, stop requests and resumes.
 What each callback event does inside a Ray Train worker:
 
 * ``on_log``: throughput goes to the Ray metrics ``sslrun_images_per_second`` (gauge) and ``sslrun_images_total``
-  (counter), tagged with the rank; Ray exports them with a ``ray_`` prefix on each node's metrics port (see
-  docs/internals.md, section 'Custom Ray metrics'). The metrics themselves are *not* sent with
+  (counter), tagged with the run name and the rank; Ray exports them with a ``ray_`` prefix on each node's metrics
+  port (see docs/internals.md, section 'Custom Ray metrics'). The metrics themselves are *not* sent with
   ``ray.train.report`` here: Ray Train V2 keeps only the metrics reported with a checkpoint, and reporting every
   log step throttles a fast run (see docs/internals.md, section 'Ray Train V2 keeps only the metrics of
   checkpoints'); TensorBoard and ``metrics.jsonl`` have every log step.
@@ -104,7 +104,13 @@ class RayTrainHooks(TrainHooks):
         staging = Path(tempfile.mkdtemp(prefix="ckpt-", dir=self._scratch))
         try:
             _link_or_copy(Path(path), staging / CHECKPOINT_FILE)
-            info = {"step": step, "epoch": epoch, "metrics": _floats(metrics), "source": str(path)}
+            info = {
+                "step": step,
+                "epoch": epoch,
+                "world_size": self.world_size,
+                "metrics": _floats(metrics),
+                "source": str(path),
+            }
             (staging / CHECKPOINT_INFO_FILE).write_text(json.dumps(info))
             # SYNC upload (the default): when report() returns the files are persisted, so staging can go.
             ray.train.report(payload, checkpoint=Checkpoint.from_directory(str(staging)))
@@ -146,10 +152,15 @@ class RayTrainHooks(TrainHooks):
             info_file = Path(d) / CHECKPOINT_INFO_FILE
             info = json.loads(info_file.read_text()) if info_file.is_file() else {}
         self.resumed_step = info.get("step")
+        before = info.get("world_size")
+        if before is not None and before != self.world_size:
+            # an elastic range (a node left or joined) or a --resume with another layout
+            self._event({"event": "resize", "from": before, "to": self.world_size, "step": self.resumed_step})
         self._event(
             {
                 "event": "attempt",
                 "world_size": self.world_size,
+                "previous_world_size": before,
                 "resumed_step": self.resumed_step,
                 "ray_checkpoint": checkpoint.path,
             }
@@ -186,12 +197,17 @@ class RayTrainHooks(TrainHooks):
         if self._gauge is None:
             # Names must match [a-zA-Z_][a-zA-Z0-9_]*: Ray drops invalid ones with only a warning.
             self._gauge = Gauge(
-                "sslrun_images_per_second", description="Training images per second on this rank", tag_keys=("rank",)
+                "sslrun_images_per_second",
+                description="Training images per second on this rank",
+                tag_keys=("run", "rank"),
             )
             self._counter = Counter(
-                "sslrun_images_total", description="Training images processed on this rank", tag_keys=("rank",)
+                "sslrun_images_total",
+                description="Training images processed on this rank",
+                tag_keys=("run", "rank"),
             )
-        tags = {"rank": str(self.rank)}  # tag values must be str
+        # The run name (the Train run's name, after the output directory) tells runs apart on a shared cluster.
+        tags = {"run": self.name, "rank": str(self.rank)}  # tag values must be str
         if images_per_second is not None:
             self._gauge.set(images_per_second, tags=tags)
         if images > 0:
