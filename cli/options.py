@@ -75,7 +75,12 @@ class ExperimentFlags:
 
 # ---- evaluation: `eval knn|linear|finetune` -------------------------------------------------------------------
 CheckpointOpt = Annotated[
-    str | None, typer.Option("--checkpoint", help="An sslrun checkpoint (OUTPUT/checkpoints/last.pt) or run directory.")
+    str | None,
+    typer.Option(
+        "--checkpoint",
+        help="An sslrun checkpoint (OUTPUT/checkpoints/last.pt) or run directory, or a URI: s3://bucket/runs/NAME "
+        "(its newest checkpoint), a checkpoint_* directory, or a checkpoint file.",
+    ),
 ]
 EvalDatasetOpt = Annotated[
     str | None, typer.Option(help="Labelled dataset to evaluate on (default: the checkpoint's pretraining dataset).")

@@ -109,6 +109,7 @@ _PLOTS: list[tuple[str, str, str, Series]] = [
     ("knn", "Online kNN top-1", "top-1 (%)", _one("knn/top1")),
     ("throughput", "Images/s (all workers)", "images/s", _one("perf/images_per_s")),
     ("datawait", "Share of step time waiting for data", "share", lambda r: [("data wait", _data_share(r))]),
+    ("world", "Workers (elastic runs resize)", "workers", _one("perf/world_size")),
 ]
 
 

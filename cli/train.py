@@ -48,9 +48,13 @@ def train(
 @expand_flags
 def launch(
     flags: ExperimentFlags,
-    nodes: Annotated[int | None, typer.Option(min=1, help="Nodes to spread the workers over (needs --address).")] = (
-        None
-    ),
+    nodes: Annotated[
+        str | None,
+        typer.Option(
+            help="Nodes to spread the workers over (needs --address): N, or MIN:MAX to keep training as nodes come "
+            "and go (elastic)."
+        ),
+    ] = None,
     gpus_per_node: Annotated[
         int | None, typer.Option(min=0, help="GPUs per node, one worker each (default: all local GPUs, else CPU).")
     ] = None,
@@ -84,9 +88,12 @@ def launch(
     One progress view on the console (a bar on a terminal, timestamped lines otherwise); every process's full
     output in OUTPUT/logs/; OUTPUT/report.html at the end."""
     from sslrun.cluster.launcher import launch as run_launch
+    from sslrun.cluster.plan import parse_nodes
 
+    min_nodes, max_nodes = parse_nodes(nodes) if nodes is not None else (None, None)
     cluster = {
-        "nodes": nodes,
+        "nodes": max_nodes,
+        "min_nodes": min_nodes,
         "gpus_per_node": gpus_per_node,
         "workers_per_node": workers_per_node,
         "cpus_per_worker": cpus_per_worker,

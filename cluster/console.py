@@ -65,6 +65,7 @@ class LaunchConsole:
         self.verbose = verbose
         self.view = ProgressView(progress, total_steps=0, epochs=1, world_size=world_size, stream=stream)
         self.restarts = 0
+        self.resizes = 0  # worker-group size changes (elastic range, or a --resume with another layout)
         self._files: dict[str, TextIO] = {}
         self._lock = threading.Lock()
         self._attempts = 0
@@ -149,10 +150,19 @@ class LaunchConsole:
             self._attempts += 1
             step = int(event.get("resumed_step") or 0)
             self.view.restart(step)
-            if self._attempts > 1:
+            world, before = event.get("world_size"), event.get("previous_world_size")
+            if world:
+                self.view.world_size = int(world)
+            if before is not None and world is not None and before != world:
+                self.resizes += 1
+                self.view.echo(
+                    f"resize: {before} -> {world} workers, continuing from the checkpoint at step {step} "
+                    f"(the same global batch and data order)"
+                )
+            elif self._attempts > 1:
                 self.restarts += 1
                 self.view.echo(
-                    f"a worker failed: Ray Train restarted {event.get('world_size')} workers from the checkpoint at "
+                    f"a worker failed: Ray Train restarted {world} workers from the checkpoint at "
                     f"step {step} (restart {self.restarts}; details in {self.logs})"
                 )
             return

@@ -13,10 +13,11 @@ The steps, each in its own module:
    output in ``OUTPUT/logs/``.
 
 ``FailureConfig(max_failures=K, controller_failure_limit=1)``: a dead worker restarts the whole group from the last
-committed checkpoint at most K times, and a worker group that cannot start fails instead of being retried for ever
-(see docs/internals.md, section 'Ray Train V2 retries a worker group that cannot start for ever'). SIGTERM / Ctrl-C
-raise a stop flag that every rank polls; the trainer then writes a checkpoint and returns, and ``--resume``
-continues from it (same ``storage_path`` and ``name``).
+committed checkpoint at most K times (an elastic run, ``--nodes MIN:MAX``, restarts at whatever size in its range the
+cluster holds, without limit unless ``--max-failures`` is given), and a worker group that cannot start fails instead
+of being retried for ever (see docs/internals.md, section 'Ray Train V2 retries a worker group that cannot start for
+ever'). SIGTERM / Ctrl-C raise a stop flag that every rank polls; the trainer then writes a checkpoint and returns,
+and ``--resume`` continues from it (same ``storage_path`` and ``name``), on the same or another number of workers.
 """
 
 from __future__ import annotations
@@ -151,7 +152,10 @@ def _build_trainer(cfg: ExperimentConfig, plan: LaunchPlan, train_fn: str | None
         train_loop_config=loop_config,
         torch_config=TorchConfig(timeout_s=COLLECTIVE_TIMEOUT_S),
         scaling_config=ScalingConfig(
-            num_workers=plan.num_workers,
+            # elastic: Ray Train starts the group at the size the cluster holds within the range, restarts it
+            # smaller when a node goes, and larger (every resize_interval_s) when room comes back
+            num_workers=(plan.min_workers, plan.num_workers) if plan.elastic else plan.num_workers,
+            elastic_resize_monitor_interval_s=plan.resize_interval_s,
             use_gpu=plan.use_gpu,
             resources_per_worker=dict(plan.resources_per_worker),
             placement_strategy=plan.placement_strategy,
@@ -160,13 +164,21 @@ def _build_trainer(cfg: ExperimentConfig, plan: LaunchPlan, train_fn: str | None
             name=plan.name,
             storage_path=plan.storage_path,
             failure_config=FailureConfig(
-                max_failures=cfg.cluster.max_failures, controller_failure_limit=CONTROLLER_FAILURE_LIMIT
+                max_failures=max_failures(cfg, plan), controller_failure_limit=CONTROLLER_FAILURE_LIMIT
             ),
             checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_TO_KEEP),
             # Ray Train logs every report at INFO; the trainer prints its own progress, sslrun its own summary.
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
+
+
+def max_failures(cfg: ExperimentConfig, plan: LaunchPlan) -> int:
+    """Restarts allowed after a worker dies: ``--max-failures``; an elastic run with none given restarts for as
+    long as its range can be held (-1, Ray's "no limit"), since losing a node is what it is for."""
+    if plan.elastic and cfg.cluster.max_failures == 0:
+        return -1
+    return cfg.cluster.max_failures
 
 
 def _fit_in_thread(trainer: Any) -> Any:
@@ -234,7 +246,8 @@ def _summarise(result: Any, plan: LaunchPlan, echo: Echo, logs: Path) -> LaunchR
     steps = int(info.get("steps", 0))
     loss = float(info.get("final_loss", math.nan))
     verb = "stopped" if stopped else "finished"
-    echo(f"{verb}: {steps} steps, final loss {loss:.4f}, {plan.num_workers} workers")
+    workers = info.get("world_size") or plan.num_workers
+    echo(f"{verb}: {steps} steps, final loss {loss:.4f}, {workers} workers")
     if info.get("images_per_second"):
         echo(f"  throughput:     {info['images_per_second']:.0f} images/s")
     echo(f"  TensorBoard:    tensorboard --logdir {output / 'tb'}")

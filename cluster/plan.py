@@ -17,7 +17,7 @@ from sslrun.cluster.local_ray import parse_address
 from sslrun.core.config import ExperimentConfig
 from sslrun.core.errors import ConfigError
 
-__all__ = ["LaunchPlan", "plan_launch", "resource_shortfall"]
+__all__ = ["LaunchPlan", "parse_nodes", "plan_launch", "resource_shortfall"]
 
 _DEFAULT_CPU_WORKERS = 2  # the embedded default: 2 CPU workers (gloo DDP), which the README demo runs
 
@@ -27,9 +27,12 @@ class LaunchPlan:
     """How a run is laid out on Ray.
 
     Attributes:
-        nodes: number of nodes the workers are spread over.
+        nodes: number of nodes the workers are spread over (elastic: the most).
         workers_per_node: workers on each node.
-        num_workers: ``nodes * workers_per_node``, the DDP world size.
+        num_workers: ``nodes * workers_per_node``, the DDP world size (elastic: the most).
+        min_workers: elastic: the fewest workers the run trains on (``min_nodes * workers_per_node``); equal to
+            ``num_workers`` for a fixed size.
+        resize_interval_s: elastic: how often Ray Train looks for room to grow the group.
         use_gpu: one GPU per worker (NCCL) or CPU workers (gloo).
         resources_per_worker: what Ray reserves for each worker (``{"CPU": c, "GPU": 1}``).
         placement_strategy: PACK on one node; STRICT_SPREAD for one worker per node; SPREAD otherwise.
@@ -44,6 +47,8 @@ class LaunchPlan:
     nodes: int
     workers_per_node: int
     num_workers: int
+    min_workers: int
+    resize_interval_s: float
     use_gpu: bool
     resources_per_worker: dict[str, float]
     placement_strategy: str
@@ -54,17 +59,27 @@ class LaunchPlan:
     epochs: int
     warmup_epochs: float
 
+    @property
+    def elastic(self) -> bool:
+        """The worker group may shrink and grow between ``min_workers`` and ``num_workers``."""
+        return self.min_workers < self.num_workers
+
     def describe(self) -> str:
         """One line, e.g. ``2 CPU workers (gloo) on 1 node, 1 CPU and 1 loader thread each, PACK; 1 epoch, lr
         warm-up 0.1 epochs then cosine``."""
         kind = "GPU workers (NCCL)" if self.use_gpu else "CPU workers (gloo)"
         layout = "on 1 node" if self.nodes == 1 else f"on {self.nodes} nodes ({self.workers_per_node} per node)"
+        count = str(self.num_workers)
+        if self.elastic:
+            low = self.min_workers // self.workers_per_node
+            count = f"{self.min_workers}..{self.num_workers}"
+            layout = f"on {low}..{self.nodes} nodes ({self.workers_per_node} per node), elastic"
         res = ", ".join(f"{_fmt(v)} {k}" for k, v in self.resources_per_worker.items())
         threads = f"{self.loader_threads} loader thread{'s' if self.loader_threads != 1 else ''}"
         epochs = f"{self.epochs} epoch{'s' if self.epochs != 1 else ''}"
         warmup = f"{_fmt(self.warmup_epochs)} epoch{'s' if self.warmup_epochs != 1 else ''}"
         return (
-            f"{self.num_workers} {kind} {layout}, {res} and {threads} each, {self.placement_strategy}; "
+            f"{count} {kind} {layout}, {res} and {threads} each, {self.placement_strategy}; "
             f"{epochs}, lr warm-up {warmup} then cosine"
         )
 
@@ -88,18 +103,17 @@ def plan_launch(cfg: ExperimentConfig, *, embedded: bool, local_cpus: int, local
     use_gpu, gpus = _gpus(cfg, embedded=embedded, local_gpus=local_gpus)
     per_node = _workers_per_node(cfg, embedded=embedded, use_gpu=use_gpu, gpus=gpus, local_cpus=local_cpus)
     num_workers = cl.nodes * per_node
-
-    if cfg.data.batch_size % num_workers:
-        lo = max(num_workers, cfg.data.batch_size // num_workers * num_workers)
-        raise ConfigError(
-            f"the global batch size {cfg.data.batch_size} does not divide by {num_workers} workers; "
-            f"use a multiple of {num_workers} (e.g. --batch-size {lo})"
-        )
+    min_workers = (cl.min_nodes or cl.nodes) * per_node
+    _check_batch(cfg.data.batch_size, [n * per_node for n in range(cl.min_nodes or cl.nodes, cl.nodes + 1)])
 
     if cl.placement_strategy is not None:
         strategy = cl.placement_strategy
     elif cl.nodes == 1:
         strategy = "PACK"
+    elif min_workers < num_workers:
+        # elastic: Ray Train sizes the group by the resources it finds, not by nodes, so a group may have to share
+        # a node (STRICT_SPREAD would make that group unplaceable)
+        strategy = "SPREAD"
     elif per_node == 1:
         strategy = "STRICT_SPREAD"  # exactly one worker on each node, or fail clearly
     else:
@@ -126,6 +140,8 @@ def plan_launch(cfg: ExperimentConfig, *, embedded: bool, local_cpus: int, local
         nodes=cl.nodes,
         workers_per_node=per_node,
         num_workers=num_workers,
+        min_workers=min_workers,
+        resize_interval_s=cl.resize_interval_s,
         use_gpu=use_gpu,
         resources_per_worker=resources,
         placement_strategy=strategy,
@@ -135,6 +151,49 @@ def plan_launch(cfg: ExperimentConfig, *, embedded: bool, local_cpus: int, local
         embedded=embedded,
         epochs=cfg.schedule.epochs,
         warmup_epochs=min(cfg.schedule.warmup, cfg.schedule.epochs),
+    )
+
+
+def parse_nodes(text: str) -> tuple[int | None, int]:
+    """``--nodes`` as ``(min_nodes, nodes)``: ``"4"`` -> ``(None, 4)``, ``"2:4"`` -> ``(2, 4)`` (an elastic range).
+
+    Raises:
+        ConfigError: anything else, in one line.
+    """
+    low, sep, high = text.strip().partition(":")
+    try:
+        top = int(high if sep else low)
+        bottom = int(low) if sep else None
+    except ValueError:
+        raise ConfigError(f"--nodes {text!r} must be a number (4) or an elastic range MIN:MAX (2:4)") from None
+    if top < 1 or (bottom is not None and not 1 <= bottom <= top):
+        raise ConfigError(f"--nodes {text!r}: need 1 <= MIN <= MAX, e.g. --nodes 2:4")
+    return (None if bottom == top else bottom), top
+
+
+def _check_batch(batch: int, sizes: list[int]) -> None:
+    """Every world size the run may train on splits the global batch evenly (elastic: whole nodes' worth of
+    workers, each number of nodes in the range).
+
+    An uneven split would change what a step averages over (DDP averages the ranks' gradients equally), so it is
+    refused here rather than handled by gradient accumulation: the global batch, and with it the schedules, stay
+    exactly the same at every size. (A group Ray sizes otherwise, on a node partly used by another job, is refused
+    by each worker in one line.)
+    """
+    bad = [w for w in sizes if batch % w]
+    if not bad:
+        return
+    if len(sizes) == 1:
+        (w,) = sizes
+        raise ConfigError(
+            f"the global batch size {batch} does not divide by {w} workers; "
+            f"use a multiple of {w} (e.g. --batch-size {max(w, batch // w * w)})"
+        )
+    step = math.lcm(*sizes)
+    hint = f"e.g. --batch-size {max(step, batch // step * step)}" if step <= 65536 else "or narrow the range"
+    raise ConfigError(
+        f"the global batch size {batch} cannot be split evenly over {', '.join(map(str, bad))} workers, sizes the "
+        f"elastic range {sizes[0]}..{sizes[-1]} may take; use a multiple of {step} ({hint})"
     )
 
 
@@ -188,31 +247,34 @@ def resource_shortfall(plan: LaunchPlan, nodes: list[dict[str, Any]], available:
         nodes: ``ray.nodes()`` (``Alive`` and total ``Resources`` per node).
         available: ``ray.available_resources()`` (what other jobs leave free).
 
+    An elastic plan needs room for its fewest workers (``min_workers``); it grows into the rest as room appears.
+
     Returns:
         A phrase naming what is missing ("2 nodes that can each hold a worker of 1 CPU, 1 GPU; the cluster has 1
         (CPU 16, GPU 1)"), or None.
     """
     need = {k: v for k, v in plan.resources_per_worker.items() if v > 0}
+    count = plan.min_workers
     alive = [n for n in nodes if n.get("Alive", n.get("alive", True))]
     fits = [_fits(n.get("Resources", {}), need) for n in alive]
     have = _summary(alive)
     worker = ", ".join(f"{_fmt(v)} {k}" for k, v in need.items())
     if plan.placement_strategy == "STRICT_SPREAD":
         ok_nodes = sum(1 for f in fits if f >= 1)
-        if ok_nodes < plan.num_workers:
+        if ok_nodes < count:
             return (
-                f"{plan.num_workers} nodes that can each hold a worker of {worker}; "
+                f"{count} nodes that can each hold a worker of {worker}; "
                 f"the cluster has {ok_nodes} such node(s) ({have})"
             )
     elif plan.placement_strategy == "STRICT_PACK":
-        if max(fits, default=0) < plan.num_workers:
-            return f"one node that can hold {plan.num_workers} workers of {worker}; the cluster has {have}"
-    elif sum(fits) < plan.num_workers:
-        return f"room for {plan.num_workers} workers of {worker}; the cluster has {have}"
+        if max(fits, default=0) < count:
+            return f"one node that can hold {count} workers of {worker}; the cluster has {have}"
+    elif sum(fits) < count:
+        return f"room for {count} workers of {worker}; the cluster has {have}"
     busy = [
-        f"{_fmt(v * plan.num_workers)} {k} (free: {_fmt(available.get(k, 0.0))})"
+        f"{_fmt(v * count)} {k} (free: {_fmt(available.get(k, 0.0))})"
         for k, v in need.items()
-        if available.get(k, 0.0) + 1e-9 < v * plan.num_workers
+        if available.get(k, 0.0) + 1e-9 < v * count
     ]
     if busy:
         return f"{', '.join(busy)} free; other jobs hold the rest"

@@ -164,7 +164,7 @@ def _wait_for_resources(plan: LaunchPlan, timeout_s: float, echo: Echo) -> bool:
             if asked:
                 _ask_autoscaler(plan, 0)
             raise ConfigError(
-                f"the Ray cluster cannot start {plan.num_workers} workers: it needs {problem} "
+                f"the Ray cluster cannot start {plan.min_workers} workers: it needs {problem} "
                 f"(waited {timeout_s:.0f} s); add nodes, or lower --nodes / --workers-per-node / --cpus-per-worker"
             )
         if not announced:

@@ -139,7 +139,9 @@ class SystemCfg:
 class ClusterCfg:
     """Where ``sslrun launch`` runs. Ignored by ``sslrun train``."""
 
-    nodes: int = 1
+    nodes: int = 1  # the most nodes (with min_nodes: the top of an elastic range)
+    min_nodes: int | None = None  # elastic: keep training on min_nodes..nodes nodes as they come and go
+    resize_interval_s: float = 60.0  # elastic: how often Ray Train looks for room to grow the worker group
     workers_per_node: int | None = None  # None = gpus_per_node on GPU nodes; CPU: 2 on the local default, else 1
     gpus_per_node: int = 0
     cpus_per_worker: int = 1
@@ -153,6 +155,12 @@ class ClusterCfg:
     def __post_init__(self) -> None:
         if self.nodes < 1:
             raise ConfigError(f"cluster.nodes must be >= 1, got {self.nodes}")
+        if self.min_nodes is not None and not 1 <= self.min_nodes <= self.nodes:
+            raise ConfigError(
+                f"the elastic range {self.min_nodes}:{self.nodes} nodes needs 1 <= min <= max; e.g. --nodes 2:4"
+            )
+        if self.resize_interval_s < 0:
+            raise ConfigError(f"cluster.resize_interval_s must be >= 0, got {self.resize_interval_s}")
         if self.gpus_per_node < 0 or self.cpus_per_worker < 1:
             raise ConfigError("cluster.gpus_per_node must be >= 0 and cluster.cpus_per_worker >= 1")
 

@@ -22,6 +22,7 @@ from sslrun.core.train.checkpoint import (
     save_checkpoint,
 )
 from sslrun.core.train.optim import LARS
+from sslrun.core.train.state import TrainState
 
 
 def _state(cfg: ExperimentConfig) -> dict:
@@ -120,3 +121,22 @@ def test_incompatible_architecture_is_refused() -> None:
     other.encoder.kwargs = {"width": 8}
     with pytest.raises(CheckpointError, match="width"):
         check_compatible(ck, other, "x.pt")
+
+
+def test_positions_are_world_size_free_and_older_formats_resume_only_with_a_clear_refusal(tmp_path: Path) -> None:
+    """A position saved on 2 ranks loads on any number; a format-1 file (per-rank position) loads for evaluation
+    but is refused for resuming; another global batch is refused, naming the flag."""
+    saved = TrainState(step=30, epoch=1, batch=5, global_batch=64, world_size=2)
+    state = saved.state_dict()
+    assert (state["samples_in_epoch"], state["global_batch"], state["world_size"]) == (320, 64, 2)
+    resumed = TrainState(global_batch=64, world_size=1)
+    resumed.load_state_dict(state)
+    assert (resumed.step, resumed.epoch, resumed.batch, resumed.world_size) == (30, 1, 5, 1)
+    with pytest.raises(CheckpointError, match="batch of 64 images, this run has 32; resume with --batch-size 64"):
+        TrainState(global_batch=32).load_state_dict(state)
+    old = {k: v for k, v in state.items() if k not in ("global_batch", "samples_in_epoch", "world_size")}
+    save_checkpoint({**_state(ExperimentConfig()), **old, "format": "sslrun-checkpoint/1"}, tmp_path / "old.pt")
+    ck = load_checkpoint(tmp_path / "old.pt")  # still readable: evaluation and export use its weights
+    assert ck["format"] == "sslrun-checkpoint/1"
+    with pytest.raises(CheckpointError, match="older sslrun .format sslrun-checkpoint/1.*cannot be continued exactly"):
+        TrainState(global_batch=64).load_state_dict(ck, tmp_path / "old.pt")

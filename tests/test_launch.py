@@ -33,7 +33,7 @@ from typer.testing import CliRunner
 from sslrun.cli import app
 from sslrun.cli.common import experiment_from_cli
 from sslrun.cluster.launcher import launch
-from sslrun.cluster.plan import LaunchPlan, plan_launch, resource_shortfall
+from sslrun.cluster.plan import LaunchPlan, parse_nodes, plan_launch, resource_shortfall
 from sslrun.core.config import ExperimentConfig
 from sslrun.core.errors import ConfigError
 
@@ -161,6 +161,51 @@ def test_impossible_layouts_fail_with_one_line(tmp_path: Path, flags: dict, embe
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"), [("4", (None, 4)), ("2:4", (2, 4)), (" 3:3 ", (None, 3)), ("1:1", (None, 1))]
+)
+def test_nodes_is_a_number_or_an_elastic_range(text: str, expected: tuple) -> None:
+    assert parse_nodes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["x", "2:", "4:2", "0", "0:2", "2:4:6"])
+def test_bad_node_ranges_are_one_line(text: str) -> None:
+    with pytest.raises(ConfigError, match="--nodes") as err:
+        parse_nodes(text)
+    assert "\n" not in str(err.value)
+
+
+def test_an_elastic_plan_spans_its_range_and_needs_room_for_its_minimum(tmp_path: Path) -> None:
+    extra = {"cluster.nodes": 3, "cluster.min_nodes": 2, "cluster.resize_interval_s": 5.0}
+    plan = _plan(_cfg(tmp_path / "x", batch_size=12, extra=extra), embedded=False)
+    assert (plan.min_workers, plan.num_workers, plan.elastic, plan.resize_interval_s) == (2, 3, True, 5.0)
+    assert plan.describe().startswith("2..3 CPU workers (gloo) on 2..3 nodes (1 per node), elastic, ")
+    assert plan.placement_strategy == "SPREAD"  # Ray may size a group by resources: it may have to share a node
+    two = [{"Alive": True, "Resources": {"CPU": 1.0}}] * 2
+    assert resource_shortfall(plan, two, {"CPU": 2.0}) is None  # the minimum fits: start on 2, grow later
+    assert "room for 2 workers of 1 CPU" in resource_shortfall(plan, two[:1], {"CPU": 1.0})
+    fixed = _plan(_cfg(tmp_path / "x", batch_size=12, extra={"cluster.nodes": 3}), embedded=False)
+    assert not fixed.elastic and fixed.min_workers == fixed.num_workers == 3
+
+
+def test_every_size_of_an_elastic_range_must_split_the_global_batch(tmp_path: Path) -> None:
+    extra = {"cluster.nodes": 4, "cluster.min_nodes": 2}
+    with pytest.raises(ConfigError) as err:
+        _plan(_cfg(tmp_path / "x", batch_size=16, extra=extra), embedded=False)
+    assert str(err.value) == (
+        "the global batch size 16 cannot be split evenly over 3 workers, sizes the elastic range 2..4 may take; "
+        "use a multiple of 12 (e.g. --batch-size 12)"
+    )
+    assert _plan(_cfg(tmp_path / "x", batch_size=24, extra=extra), embedded=False).elastic
+    # whole nodes of 4 GPU workers: 8, 12 or 16 workers
+    gpus = {**extra, "cluster.gpus_per_node": 4}
+    with pytest.raises(ConfigError, match="over 12 workers, sizes the elastic range 8..16 may take; use a multiple"):
+        _plan(_cfg(tmp_path / "x", batch_size=1024, extra=gpus), embedded=False)
+    assert _plan(_cfg(tmp_path / "x", batch_size=960, extra=gpus), embedded=False).min_workers == 8
+    with pytest.raises(ConfigError, match="--nodes 3 needs a Ray cluster"):  # no nodes to come and go here
+        _plan(_cfg(tmp_path / "x", batch_size=24, extra={"cluster.nodes": 3, "cluster.min_nodes": 2}))
+
+
 def test_resource_shortfall_names_what_is_missing(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path / "x", batch_size=64, extra={"cluster.nodes": 2})
     plan = _plan(cfg, embedded=False)  # STRICT_SPREAD, 2 workers of 1 CPU
@@ -181,6 +226,8 @@ def test_cli_launch_rejects_bad_layouts_before_starting_anything(tmp_path: Path)
     assert res.exit_code == 2 and res.output.startswith("error: --nodes 3 needs a Ray cluster"), res.output
     res = runner.invoke(app, ["launch", "--batch-size", "255", "--output", str(tmp_path / "r")])
     assert res.exit_code == 2 and "does not divide by 2 workers" in res.output, res.output
+    res = runner.invoke(app, ["launch", "--nodes", "4:2", "--output", str(tmp_path / "r")])
+    assert res.exit_code == 2 and res.output.startswith("error: --nodes '4:2': need 1 <= MIN <= MAX"), res.output
     res = runner.invoke(app, ["launch", "--address", "nohost", "--output", str(tmp_path / "r")])
     assert res.exit_code == 2 and "is not auto, HOST:PORT or ray://HOST:PORT" in res.output, res.output
     res = runner.invoke(app, ["launch", "--resume", "--output", str(tmp_path / "r")])

@@ -328,6 +328,11 @@ def _rank_main(rank: int, world: int, port: int, path: str, out: str) -> None:
         ld = ViewLoader(path, [PLAIN], 4, device="cpu", num_workers=1, distributed=True, seed=SEED, os_cache=False)
         result = {"len": len(ld), "epochs": {e: [(v[0], y) for v, y in ld.epoch(e)] for e in (0, 1)}}
         ld.close()
+        # the colour-augmented views of the module's single-process loader, split over 2 ranks (global batch 8)
+        ld = ViewLoader(path, VIEWS, BATCH // world, device="cpu", num_workers=1, distributed=True, seed=SEED)
+        result["views"] = {e: [(v, y) for v, y in ld.epoch(e)] for e in (0, 1)}
+        result["resumed"] = [(v, y) for v, y in ld.epoch(1, start_batch=2)]
+        ld.close()
         torch.save(result, f"{out}/rank{rank}.pt")
         dist.barrier()
     finally:
@@ -353,3 +358,25 @@ def test_two_ranks_read_disjoint_covering_shards(source: Source, tmp_path: Path)
                 assert float((view - ref).abs().max()) < 3.0 / 255 / min(source[3])
     orders = [[torch.cat([y for _, y in r["epochs"][e]]).tolist() for e in (0, 1)] for r in ranks]
     assert orders[0][0] != orders[0][1]  # reshuffled each epoch
+
+
+@pytest.mark.slow
+def test_global_batches_do_not_depend_on_the_world_size(source: Source, epochs: Batches, tmp_path: Path) -> None:
+    """Global batch k of 2 ranks x 4 = batch k of 1 process x 8: the same images, augmented alike (crops, flips and
+    colour parameters), so a run can continue on another number of workers without seeing an image twice."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_rank_main, args=(2, port, str(source[0]), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for e in (0, 1):
+        assert len(ranks[0]["views"][e]) == len(epochs[e]) == N // BATCH
+        for b, (views, labels) in enumerate(epochs[e]):
+            parts = [r["views"][e][b] for r in ranks]
+            assert torch.equal(torch.cat([p[1] for p in parts]), labels), (e, b)
+            for i, view in enumerate(views):
+                joined = torch.cat([p[0][i] for p in parts])
+                assert float((joined - view).abs().max()) < 1e-5, (e, b, i)
+    # resumed at global batch 2 of epoch 1: the rest of that epoch, rank by rank
+    for r, rank in enumerate(ranks):
+        assert [y.tolist() for _, y in rank["resumed"]] == [y.tolist() for _, y in rank["views"][1][2:]], r

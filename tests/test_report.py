@@ -19,7 +19,13 @@ from sslrun.core.errors import ConfigError
 needs_chromium = pytest.mark.skipif(
     find_browser() is None, reason="chromium is not installed (apt-get install -y chromium; `make` installs it)"
 )
-PLOTS = ["Loss and its terms", "Learning rate", "Online kNN top-1", "Images/s (all workers)"]
+PLOTS = [
+    "Loss and its terms",
+    "Learning rate",
+    "Online kNN top-1",
+    "Images/s (all workers)",
+    "Workers (elastic runs resize)",
+]
 
 
 @pytest.fixture(scope="module")

@@ -161,14 +161,23 @@ class ColorAugment:
         """Augment ``x`` ``(N, 3, H, W)`` float in [0, 1] (modified in place and returned)."""
         return self.apply(x, self.sample(x.shape[0], generator))
 
-    def from_uint8(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def from_uint8(
+        self, x: torch.Tensor, generator: torch.Generator, part: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         """Augment uint8 pixels ``x`` ``(N, 3, H, W)`` (any layout): a new float32 NCHW tensor in [0, 1].
 
-        The same images as ``self(x / 255, generator)``. On the CPU, jitter and grayscale run in one fused numba
-        pass per image (:mod:`sslrun.core.data.color_cpu`, ~12x faster there than these torch ops); elsewhere, and for
-        blur and solarization, the torch ops below.
+        ``part=(offset, total)``: ``x`` is rows ``offset .. offset + N`` of a batch of ``total`` images (one rank's
+        part of a global batch); the parameters are drawn for all ``total`` and these rows used, so that an image
+        gets the same augmentation however the batch is split. None: ``x`` is the whole batch.
+        The same images as ``self(x / 255, generator)`` when ``part`` is None. On the CPU, jitter and grayscale run
+        in one fused numba pass per image (:mod:`sslrun.core.data.color_cpu`, ~12x faster there than these torch
+        ops); elsewhere, and for blur and solarization, the torch ops below.
         """
-        params = self.sample(x.shape[0], generator)
+        if part is None:
+            params = self.sample(x.shape[0], generator)
+        else:
+            offset, total = part
+            params = self.sample(total, generator).rows(slice(offset, offset + x.shape[0]))
         if x.device.type != "cpu":
             return self.apply(x.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0), params)
         from sslrun.core.data.color_cpu import to_float_jitter_gray  # numba: imported only where it runs

@@ -4,7 +4,7 @@ consume them respectively; a module of its own so that neither of the two import
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -22,3 +22,7 @@ class ColorParams:
     blur: torch.Tensor  # bool
     sigma: torch.Tensor  # float
     solarize: torch.Tensor  # bool
+
+    def rows(self, index: slice) -> ColorParams:
+        """The parameters of some samples only (e.g. one rank's part of a global batch)."""
+        return ColorParams(**{f.name: getattr(self, f.name)[index].contiguous() for f in fields(self)})

@@ -34,7 +34,16 @@ import numpy as np
 
 from sslrun.core.errors import ConfigError, DataError, SslrunError
 
-__all__ = ["FFCV_VERSION", "STALL_TIMEOUT_S", "Epoch", "import_ffcv", "keep_torch_threads", "new_loader", "start_epoch"]
+__all__ = [
+    "FFCV_VERSION",
+    "STALL_TIMEOUT_S",
+    "Epoch",
+    "epoch_order",
+    "import_ffcv",
+    "keep_torch_threads",
+    "new_loader",
+    "start_epoch",
+]
 
 #: The one FFCV release these workarounds are written against (``pyproject.toml`` pins it).
 FFCV_VERSION = "1.0.2"
@@ -259,11 +268,16 @@ class Epoch:
         it.closed = True  # FFCV's close() never sets it, and __del__ would exit the memory context again
 
 
-def start_epoch(loader: Any, epoch: int, skip_samples: int, path: Path) -> Epoch:
-    """``iter(loader)`` for a given epoch, with the first ``skip_samples`` of its order left out (mid-epoch
-    resume without decoding the skipped batches). Mirrors ``Loader.__iter__`` of ffcv 1.0.2."""
+def epoch_order(loader: Any, epoch: int) -> np.ndarray:
+    """The sample order FFCV draws for ``epoch`` (any epoch, not only the loader's next one)."""
     loader.next_epoch = epoch  # the order of an epoch is drawn from `next_epoch`: set it to resume
     order = loader.next_traversal_order()
     loader.next_epoch = epoch + 1
-    order = order[: len(loader) * loader.batch_size][skip_samples:]
+    return order
+
+
+def start_epoch(loader: Any, epoch: int, skip_samples: int, path: Path) -> Epoch:
+    """``iter(loader)`` for a given epoch, with the first ``skip_samples`` of its order left out (mid-epoch
+    resume without decoding the skipped batches). Mirrors ``Loader.__iter__`` of ffcv 1.0.2."""
+    order = epoch_order(loader, epoch)[: len(loader) * loader.batch_size][skip_samples:]
     return Epoch(loader, order, path)

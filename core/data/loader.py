@@ -11,9 +11,13 @@ cheapest:
   per-sample parameters from a generator seeded by ``(seed, epoch, batch index, rank, view)``, then
   normalisation with the manifest's mean/std.
 
-So, for a given file, batch size and world size, every batch is a pure function of ``(seed, epoch, batch index,
-rank)``: a run resumed mid-epoch with ``loader.epoch(e, start_batch=k)`` sees exactly the batches ``k, k+1, ...``
-of an uninterrupted run.
+The data stream is defined by the **global** batch ``B = batch_size x world_size``, never by the world size:
+epoch ``e`` is one permutation of the samples (seeded by ``(seed, e)``) cut into ``len(dataset) // B`` global
+batches, and rank ``r`` of ``W`` takes the ``r``-th contiguous ``B / W`` of each. The colour parameters of a global
+batch are drawn for all ``B`` samples and sliced the same way; crops and flips are seeded per sample. So which
+images form global batch ``k``, and how each of them is augmented, is the same on 1, 2 or 8 workers: a run resumed
+at global batch ``k`` (``loader.epoch(e, start_batch=k)``), even on another number of workers, sees every image of
+the interrupted epoch exactly once in total, and later epochs exactly as an uninterrupted run does.
 
 FFCV's sharp edges are handled in :mod:`sslrun.core.data.ffcv_compat` (a failing pipeline raises instead of
 hanging, an abandoned epoch stops its thread, torch's thread count is kept) and here: returned tensors are fresh,
@@ -32,7 +36,7 @@ import numpy as np
 import torch
 
 from sslrun.core.data.augment import ColorAugment, Normalize
-from sslrun.core.data.ffcv_compat import Epoch, import_ffcv, new_loader, start_epoch
+from sslrun.core.data.ffcv_compat import Epoch, epoch_order, import_ffcv, new_loader
 from sslrun.core.data.source import Source, check_batch, usable_workers
 from sslrun.core.errors import ConfigError, DataError
 from sslrun.core.interfaces import ViewSpec
@@ -50,10 +54,10 @@ class ViewLoader:
     """Multi-view augmented batches from a prepared ``.beton`` for self-supervised pretraining.
 
     Build it once per process (each build pays FFCV's numba JIT) and call :meth:`epoch` for every epoch.
-    Under DDP (``distributed=True``) build it after ``init_process_group``: each rank then reads a disjoint
-    strided shard of a per-epoch permutation (torch's ``DistributedSampler``, through FFCV). When the dataset
-    size is not a multiple of the world size the sampler pads with a few repeated samples, as
-    ``DistributedSampler`` does.
+    Under DDP (``distributed=True``) build it after ``init_process_group``: each rank then reads its own
+    contiguous part of every global batch (see the module docstring); every rank has the same number of batches,
+    ``len(dataset) // (batch_size x world_size)`` (the last incomplete global batch is dropped, as ``drop_last``;
+    with ``drop_last=False`` it is completed with samples from the start of the epoch's order).
 
     Small images: crops smaller than the output are enlarged bilinearly inside the decoder (torchvision's
     convention), larger ones shrunk with OpenCV's ``INTER_AREA``; see :mod:`sslrun.core.data.ops`.
@@ -172,19 +176,22 @@ class ViewLoader:
             if subset.size and (subset.min() < 0 or subset.max() >= n):
                 raise ConfigError(f"ViewLoader indices must be in [0, {n}), got {subset.min()}..{subset.max()}")
             subset, n = subset.astype(np.uint64), int(subset.size)
+        # FFCV is asked for the plain (non-distributed) permutation; the split over ranks is ours (`_rank_order`).
         self._loader = new_loader(
             self.path,
             batch_size=batch_size,
             num_workers=self.num_workers,
             os_cache=os_cache,
             order=OrderOption.RANDOM,
-            distributed=distributed,
+            distributed=False,
             seed=self.seed,
             indices=subset,
             pipelines=pipelines,
             drop_last=drop_last,
         )
         self.batch_size = batch_size
+        self.global_batch = batch_size * self.world_size
+        self._steps = n // self.global_batch if drop_last else -(-n // self.global_batch)
         self._active: Epoch | None = None
         # On the CPU the colour augmentations of the views can run side by side on the usable cores; on a GPU
         # they are asynchronous kernel launches already.
@@ -194,15 +201,29 @@ class ViewLoader:
             if self.device.type == "cpu" and len(views) > 1 and cores > 1
             else None
         )
-        if len(self._loader) == 0:
+        if self._steps == 0:
             raise DataError(
-                f"{self.path} has {n} samples ({n // self.world_size} per rank), fewer than one batch of "
-                f"{batch_size}; use a smaller batch size or more samples"
+                f"{self.path} has {n} samples, fewer than one batch of {self.global_batch} images over all ranks "
+                f"({batch_size} on each of {self.world_size}); use a smaller batch size or more samples"
             )
 
     def __len__(self) -> int:
-        """Batches per epoch on this rank."""
-        return len(self._loader)
+        """Batches per epoch on this rank (the same on every rank, and the number of global batches)."""
+        return self._steps
+
+    def batch_indices(self, epoch: int, batch: int) -> np.ndarray:
+        """The sample indices (positions in the file) of this rank's part of global batch ``batch`` of ``epoch``:
+        a record of what a run trained on, for debugging and for checking that a resize loses or repeats nothing."""
+        return self._rank_order(epoch)[batch * self.batch_size : (batch + 1) * self.batch_size].copy()
+
+    def _rank_order(self, epoch: int) -> np.ndarray:
+        """This rank's samples for ``epoch``, batch after batch: its contiguous part of every global batch."""
+        order = epoch_order(self._loader, epoch)
+        need = self._steps * self.global_batch
+        if order.size < need:  # drop_last=False: complete the last global batch from the start of the order
+            order = np.concatenate([order, order[: need - order.size]])
+        parts = order[:need].reshape(self._steps, self.world_size, self.batch_size)
+        return np.ascontiguousarray(parts[:, self.rank, :]).reshape(-1)
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
         """Yield ``(views, labels)`` for every batch of ``epoch`` on this rank, from batch ``start_batch`` on.
@@ -222,7 +243,7 @@ class ViewLoader:
         if start_batch >= len(self):
             return
         self._state.set_epoch(epoch)
-        run = start_epoch(self._loader, epoch, start_batch * self.batch_size, self.path)
+        run = Epoch(self._loader, self._rank_order(epoch)[start_batch * self.batch_size :], self.path)
         self._active = run
         try:
             for b, batch in enumerate(run, start=start_batch):
@@ -243,9 +264,12 @@ class ViewLoader:
         """uint8 ``(N, 3, H, W)`` from FFCV -> augmented (and normalised) float32, a new tensor."""
         if self._augment[i].is_identity and self._normalize is not None:  # crop + flip only: convert and normalise
             return self._normalize.from_uint8(x)
-        g = torch.Generator().manual_seed(batch_seed(self.seed, epoch, batch, self.rank, i))
+        # Drawn for the whole global batch and sliced to this rank's part: the same parameters per image whatever
+        # the world size (rank 0 in the seed is the global batch's, not this rank's).
+        g = torch.Generator().manual_seed(batch_seed(self.seed, epoch, batch, 0, i))
+        part = (self.rank * self.batch_size, self.global_batch)
         # A new float tensor (FFCV's output buffer is overwritten a few batches later), in standard NCHW layout.
-        y = self._augment[i].from_uint8(x, g)
+        y = self._augment[i].from_uint8(x, g, part=part)
         if self._normalize is not None:
             y = self._normalize(y)
         return y.contiguous()  # a no-op unless an operation changed the layout

@@ -144,7 +144,8 @@ def check_run_config(cfg: ExperimentConfig, world: int) -> None:
     if cfg.data.batch_size % world:
         raise ConfigError(
             f"data.batch_size {cfg.data.batch_size} (global) is not divisible by the {world} workers; "
-            f"use a multiple of {world}"
+            f"use a multiple of {world} (an elastic run gets a size like this only when Ray finds part of a node "
+            f"free: keep other jobs off its nodes)"
         )
     for key in ("log_every", "checkpoint_every"):
         if getattr(cfg.log, key) < 1:

@@ -1,13 +1,15 @@
 """Checkpoints: one ``torch.save`` dict of named states plus the config, written atomically, loaded safely.
 
-Format (``"format": "sslrun-checkpoint/1"``)::
+Format (``"format": "sslrun-checkpoint/2"``)::
 
     config          cfg.to_dict() of the run that wrote it
     model           method.state_dict() (the unwrapped module: no "module." / "_orig_mod." prefixes)
     optimizer       optimizer.state_dict()
     step            optimiser steps done (the global step the run continues from)
     epoch           epoch of the next batch to read
-    batch_in_epoch  index of the next batch to read within that epoch (the position in the data stream)
+    batch_in_epoch  index of the next global batch to read within that epoch (the position in the data stream)
+    global_batch    images per optimiser step over all ranks; samples_in_epoch = batch_in_epoch * global_batch
+    world_size      ranks that wrote it (for the record: it resumes on any number of ranks)
     schedules       {"total_steps", "warmup_steps", "steps_per_epoch"}
     rng             {"world_size": W, "ranks": [per-rank states of torch, cuda, python, numpy]}
     plugins         cfg.plugin_versions ("kind:name" -> "dist==version")
@@ -17,7 +19,8 @@ Everything in it is a tensor or a builtin, so ``torch.load(weights_only=True)`` 
 numpy arrays, so numpy's RNG state is stored as a tensor plus ints. Files are written to a temporary name in the same
 directory and renamed with ``os.replace``, so a crash mid-write never leaves a truncated ``last.pt``. A run keeps
 ``OUTPUT/checkpoints/step_XXXXXXXX.pt`` files (the newest :data:`KEEP_STEP_FILES`) and ``last.pt``, a hard link to
-the newest.
+the newest. Format 1 (before the data position was world-size free) still loads for evaluation and export, but
+resuming it is refused (:meth:`~sslrun.core.train.state.TrainState.load_state_dict`).
 """
 
 from __future__ import annotations
@@ -52,7 +55,9 @@ __all__ = [
     "write_step_checkpoint",
 ]
 
-FORMAT = "sslrun-checkpoint/1"
+FORMAT = "sslrun-checkpoint/2"
+#: Older formats that still load (weights, config) for evaluation and export.
+READABLE_FORMATS = (FORMAT, "sslrun-checkpoint/1")
 REQUIRED_KEYS = ("config", "model", "step")
 #: Step files kept in OUTPUT/checkpoints besides last.pt (older ones are deleted as new ones are written).
 KEEP_STEP_FILES = 3
@@ -110,7 +115,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"checkpoint {p} is unreadable ({first[:200]}); it may be truncated: use another file in its folder"
         ) from exc
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in READABLE_FORMATS:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{p} is not an sslrun checkpoint (format {found!r}, expected {FORMAT!r})")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]

@@ -117,6 +117,7 @@ class MetricsLogger(TrainHooks):
                 "perf/images_per_s": w.steps * run.cfg.data.batch_size / max(wall_s, 1e-9),
                 "perf/data_time_s": data_s,
                 "perf/compute_time_s": compute_s,
+                "perf/world_size": float(run.world),  # elastic runs change it: TensorBoard shows when
                 "epoch": state.step / run.steps_per_epoch,
             }
         )

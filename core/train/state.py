@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from sslrun.core.errors import CheckpointError
+
 __all__ = ["StepResult", "TrainState"]
 
 
@@ -23,7 +25,10 @@ class TrainState:
     Attributes:
         step: optimiser steps done (the global step the run continues from).
         epoch: epoch of the next batch to read.
-        batch: index of the next batch within that epoch (the position in the data stream).
+        batch: index of the next *global* batch within that epoch (the position in the data stream; every rank
+            reads its part of each global batch, see :mod:`sslrun.core.data.loader`).
+        global_batch: images per optimiser step over all ranks (``data.batch_size``).
+        world_size: ranks of this process's run (saved for the record: a checkpoint continues on any number).
         metrics: the last value of every logged metric.
         start_step: ``step`` when this process started (after a resume: the checkpoint's step).
         stop_requested: every rank agreed to stop after the current step (signal or ``should_stop``).
@@ -35,6 +40,8 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     batch: int = 0
+    global_batch: int = 0
+    world_size: int = 1
     metrics: dict[str, float] = field(default_factory=dict)
     start_step: int = 0
     stop_requested: bool = False
@@ -53,16 +60,39 @@ class TrainState:
         self.batch = 0
 
     def state_dict(self) -> dict[str, Any]:
-        """The checkpoint keys of the run's position (builtins only, for ``weights_only`` loading)."""
+        """The checkpoint keys of the run's position (builtins only, for ``weights_only`` loading).
+
+        The position is world-size free: global batches and images (``samples_in_epoch``), not per-rank steps.
+        """
         return {
             "step": self.step,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch,
+            "global_batch": self.global_batch,
+            "samples_in_epoch": self.batch * self.global_batch,
+            "world_size": self.world_size,
             "metrics": {k: float(v) for k, v in self.metrics.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any], source: Path | None = None) -> None:
-        """Continue from a checkpoint's position (``source``: the file it came from)."""
+        """Continue from a checkpoint's position (``source``: the file it came from), on any number of ranks.
+
+        Raises:
+            CheckpointError: the checkpoint predates world-size-free positions, or its global batch differs.
+        """
+        where = source or "the checkpoint"
+        if "global_batch" not in state:
+            raise CheckpointError(
+                f"{where} was written by an older sslrun (format sslrun-checkpoint/1), whose data position is per "
+                f"rank: it cannot be continued exactly; evaluate or export it as it is, or start a new run "
+                f"(another --output)"
+            )
+        if self.global_batch and int(state["global_batch"]) != self.global_batch:
+            raise CheckpointError(
+                f"{where} was trained with a global batch of {state['global_batch']} images, this run has "
+                f"{self.global_batch}; resume with --batch-size {state['global_batch']} (the global batch, "
+                f"whatever the number of workers)"
+            )
         self.step = self.start_step = self.last_checkpoint_step = int(state["step"])
         self.epoch = int(state["epoch"])
         self.batch = int(state["batch_in_epoch"])

@@ -251,7 +251,7 @@ def _resume_source(cfg: ExperimentConfig, hooks: TrainHooks) -> tuple[dict[str, 
 
 def _start_state(run: Run, resume: tuple[dict[str, Any], Path] | None) -> TrainState:
     """A fresh state with per-rank seeds, or the checkpoint's weights, optimiser, position and RNG states."""
-    state = TrainState()
+    state = TrainState(global_batch=run.cfg.data.batch_size, world_size=run.world)
     seed = run.cfg.system.seed
     if resume is None:
         seed_all(seed + run.rank)  # the method's own randomness per rank; the loader seeds crops and colour itself
@@ -259,8 +259,8 @@ def _start_state(run: Run, resume: tuple[dict[str, Any], Path] | None) -> TrainS
     ckpt, source = resume
     run.load_state_dict(ckpt, source)
     state.load_state_dict(ckpt, source)
-    # written with another world size: the position in the epoch is kept (same global batch and steps per epoch)
-    # but the images are sharded differently, and the method's own randomness is reseeded from the step
+    # written with another world size: the position is in global batches, so the data stream continues exactly;
+    # only the method's own randomness (per-rank generators that no longer map onto the ranks) is reseeded
     restore_rank_rng(ckpt.get("rng", {}), run.rank, run.world, reseed=seed + 1000 * state.step + run.rank)
     if run.rank == 0:
         old = ckpt.get("plugins", {})
