@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sslrun.cluster.mirror import RunMirror
 from sslrun.cluster.stop import StopFlag
 from sslrun.core.errors import CheckpointError
 from sslrun.core.train.callbacks import TrainHooks
@@ -55,6 +56,8 @@ class RayTrainHooks(TrainHooks):
         global_batch: images per optimiser step over all ranks (for throughput).
         events: a JSON-lines file the rank-0 hook appends attempt events to (``launch.jsonl`` in the output
             directory), or None.
+        output: the run's output directory; with a URI ``storage_path``, rank 0 mirrors it to
+            ``<storage_path>/<name>/run/`` at every checkpoint and at the end (:mod:`sslrun.cluster.mirror`).
 
     Attributes:
         resumed_step: the step of the Ray checkpoint this attempt resumed from, or None for a fresh start.
@@ -62,7 +65,14 @@ class RayTrainHooks(TrainHooks):
         images_per_second: global throughput measured between the first and the last log of this attempt.
     """
 
-    def __init__(self, storage_path: str, name: str, global_batch: int, events: Path | None = None) -> None:
+    def __init__(
+        self,
+        storage_path: str,
+        name: str,
+        global_batch: int,
+        events: Path | None = None,
+        output: Path | None = None,
+    ) -> None:
         import ray.train
 
         ctx = ray.train.get_context()
@@ -83,6 +93,8 @@ class RayTrainHooks(TrainHooks):
         self._last_log: tuple[int, float] | None = None
         self._gauge: Any = None
         self._counter: Any = None
+        # rank 0 copies the run's products (config, metrics, events, TensorBoard, last.pt) to the run's storage
+        self._mirror = RunMirror(output, storage_path, name) if self.rank == 0 and output is not None else None
 
     # ---- callback events ---------------------------------------------------------------------------------
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
@@ -116,6 +128,8 @@ class RayTrainHooks(TrainHooks):
             ray.train.report(payload, checkpoint=Checkpoint.from_directory(str(staging)))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        if self._mirror is not None:
+            self._mirror.sync_in_background()
 
     def should_stop(self) -> bool:
         """True once the driver has written the stop flag (checked at most once a second)."""
@@ -138,6 +152,8 @@ class RayTrainHooks(TrainHooks):
         if checkpoint is None:
             self._event({"event": "attempt", "world_size": self.world_size, "resumed_step": None})
             return None
+        if self._mirror is not None:  # on a new node: the run's history first, so that it is appended to
+            self._mirror.restore()
         local = self._scratch / "resume"
         local.mkdir(exist_ok=True)
         # as_directory() yields the persisted directory itself on local storage: read-only, so copy out of it.
@@ -169,7 +185,9 @@ class RayTrainHooks(TrainHooks):
 
     # ---- housekeeping ------------------------------------------------------------------------------------
     def close(self) -> None:
-        """Remove this worker's scratch directory (resume copy, staging)."""
+        """Finish mirroring the run to its storage; remove this worker's scratch directory (resume copy, staging)."""
+        if self._mirror is not None:
+            self._mirror.close()
         shutil.rmtree(self._scratch, ignore_errors=True)
 
     def _measure(self, step: int, now: float) -> None:

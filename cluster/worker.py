@@ -73,6 +73,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         name=config["name"],
         global_batch=cfg.data.batch_size,
         events=output / "launch.jsonl",
+        output=output,
     )
     train_fn = resolve_train_fn(config.get("train_fn"))
     try:

@@ -316,13 +316,14 @@ def test_two_nodes_stage_the_bucket_data_once_each_and_train(s3: str, tmp_path: 
             cluster.add_node(num_cpus=1, env_vars={"SSLRUN_STAGE_DIR": str(cache)})
         cluster.wait_for_nodes()
         args = ["launch", "--method", "simclr", "--encoder", "small_cnn", "--dataset", "synthetic", "--epochs", "2"]
-        args += ["--batch-size", "16", "--max-steps", "2", "--output", str(tmp_path / "run"), "--data-dir", data]
+        args += ["--batch-size", "16", "--output", str(tmp_path / "run"), "--data-dir", data]
         args += ["--storage-path", runs, "--address", cluster.address, "--nodes", "2"]
         for item in ("num_samples=64", "size=16", "test_samples=16"):
             args += ["--set", f"data.dataset_kwargs.{item}"]
         args += ["--set", "log.knn_every=0", "--set", "log.visuals_every=0", "--set", "log.progress=plain"]
+        args += ["--set", "log.log_every=1"]
         env = {"SSLRUN_STAGE_DIR": str(tmp_path / "driver")}
-        res = _cli(*args, env=env, timeout=300)
+        res = _cli(*args, "--max-steps", "2", env=env, timeout=300)
         out = res.stdout + res.stderr
         assert res.returncode == 0, out
         assert "finished: 2 steps" in out
@@ -335,6 +336,33 @@ def test_two_nodes_stage_the_bucket_data_once_each_and_train(s3: str, tmp_path: 
             tmp_path / "driver" / "published" / "synthetic" / "train.beton"
         ]
         assert any(k.startswith("runs/") and "checkpoint_" in k for k in _objects(s3, "e2e-runs"))
+        # rank 0 mirrored the run's products next to Ray's checkpoints
+        mirrored = set(_objects(s3, "e2e-runs"))
+        for name in ("config.toml", "metrics.jsonl", "launch.jsonl", "checkpoints/last.pt"):
+            assert f"runs/run/run/{name}" in mirrored, sorted(mirrored)
+
+        # rank 0's node is lost with everything local: --resume continues from the bucket, history included
+        shutil.rmtree(tmp_path / "run")
+        res = _cli(*args, "--max-steps", "4", "--resume", env=env, timeout=300)
+        out = res.stdout + res.stderr
+        assert res.returncode == 0, out
+        assert "finished: 4 steps" in out
+        steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        assert sorted(set(steps)) == [1, 2, 3, 4], steps  # steps 1-2 restored from the bucket, 3-4 appended
+
+        # evaluation straight from the run's storage: its newest checkpoint, downloaded once
+        res = _cli(
+            "eval",
+            "knn",
+            "--checkpoint",
+            runs.replace("/runs?", "/runs/run?"),
+            "--output",
+            str(tmp_path / "eval"),
+            env=env,
+            timeout=300,
+        )
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "top-1" in res.stdout.lower(), res.stdout
     finally:
         cluster.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)

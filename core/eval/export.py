@@ -83,12 +83,14 @@ def _normalization(cfg: Any, find_manifest: Any) -> dict[str, list[float]] | Non
     return {"mean": [float(v) for v in manifest.mean], "std": [float(v) for v in manifest.std]}
 
 
-def export_encoder(checkpoint: str | Path, output: str | Path) -> dict[str, Any]:
+def export_encoder(checkpoint: str | Path, output: str | Path, *, source: str | None = None) -> dict[str, Any]:
     """Write the encoder of ``checkpoint`` to ``output`` (atomically) and return its metadata.
 
     Args:
         checkpoint: an sslrun checkpoint file (or a run directory: its ``checkpoints/last.pt``).
         output: the file to write (``encoder.pt``); its parent directory is created.
+        source: what to record as ``source_checkpoint`` instead of the file's path (the URI a downloaded
+            checkpoint came from).
 
     Returns:
         The ``meta`` dict stored in the file.
@@ -119,7 +121,7 @@ def export_encoder(checkpoint: str | Path, output: str | Path) -> dict[str, Any]
             "method": pre.cfg.method.name,
             "dataset": pre.cfg.data.dataset,
             "step": pre.step,
-            "source_checkpoint": str(pre.checkpoint),
+            "source_checkpoint": source or str(pre.checkpoint),
             "small_stem": getattr(pre.encoder, "small_stem", None),
             # inputs must be normalised like the pretraining views: the pretraining split's per-channel stats
             "normalization": _normalization(pre.cfg, pretraining_manifest),
