@@ -80,3 +80,20 @@ def test_bad_input_is_a_one_line_error() -> None:
     params = aug.sample(2, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="expected uint8"):
         to_float_jitter_gray(torch.zeros(2, 3, 4, 4), params, aug._enabled)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_normalising_uint8_on_the_cpu_is_one_pass_of_the_same_arithmetic(channels_last: bool) -> None:
+    """The numba path of ``Normalize.from_uint8`` (FFCV's channels-last bytes, or any layout) == ``(x / 255 - mean) /
+    std`` in float32, as a new standard-layout tensor."""
+    from sslrun.core.data.augment import Normalize
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (4, 17, 19, 3), dtype=torch.uint8, generator=g).permute(0, 3, 1, 2)
+    if not channels_last:
+        x = x.contiguous()
+    norm = Normalize((0.2, 0.5, 0.7), (0.1, 0.3, 0.9))
+    got = norm.from_uint8(x)
+    want = (x.float() / 255.0 - norm.mean) / torch.tensor((0.1, 0.3, 0.9)).view(1, 3, 1, 1)
+    assert got.is_contiguous() and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-6)

@@ -22,7 +22,7 @@ import torch
 
 from sslrun.core.data.color_params import ColorParams
 
-__all__ = ["to_float_jitter_gray"]
+__all__ = ["normalize_uint8", "to_float_jitter_gray"]
 
 _L0, _L1, _L2 = (
     np.float32(0.2989),
@@ -134,4 +134,32 @@ def to_float_jitter_gray(x: torch.Tensor, params: ColorParams, enabled: tuple[bo
         np.array(enabled, dtype=np.bool_),
         params.gray.numpy(),
     )
+    return out
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def _normalize_kernel(src: np.ndarray, out: np.ndarray, scale: np.ndarray, shift: np.ndarray) -> None:
+    # src (N, P, 3) uint8 NHWC, out (N, 3, P) float32: one read and one write of every value
+    s0, s1, s2 = scale[0], scale[1], scale[2]
+    t0, t1, t2 = shift[0], shift[1], shift[2]
+    for n in range(src.shape[0]):
+        r, g, b = out[n, 0], out[n, 1], out[n, 2]
+        for i in range(src.shape[1]):
+            r[i] = np.float32(src[n, i, 0]) * s0 - t0
+            g[i] = np.float32(src[n, i, 1]) * s1 - t1
+            b[i] = np.float32(src[n, i, 2]) * s2 - t2
+
+
+def normalize_uint8(x: torch.Tensor, scale: np.ndarray, shift: np.ndarray) -> torch.Tensor:
+    """uint8 ``(N, 3, H, W)`` pixels (FFCV's channels-last layout, or any) -> float32 NCHW ``x * scale - shift``
+    per channel, in one pass (torch's type-promoting ``mul`` then ``sub`` go over the batch three times).
+
+    Args:
+        scale: 3 float32, ``1 / (255 std)``.
+        shift: 3 float32, ``mean / std``.
+    """
+    n, _, h, w = x.shape
+    src = x.permute(0, 2, 3, 1).contiguous().numpy().reshape(n, h * w, 3)  # no copy for FFCV's channels-last
+    out = torch.empty(x.shape, dtype=torch.float32)
+    _normalize_kernel(src, out.numpy().reshape(n, 3, h * w), scale, shift)
     return out
