@@ -86,6 +86,17 @@ def print_json(obj: dict[str, Any]) -> None:
     print(json.dumps(obj, default=_jsonable), flush=True)
 
 
+def write_result(path: str | Path, obj: dict[str, Any]) -> Path:
+    """Write ``obj`` as an indented JSON result file (for ``docs/results/``), with the command that made it, the
+    date and the machine (a published figure is only as good as what it says about where it was measured)."""
+    record = {"command": "python " + " ".join(sys.argv), "machine": machine_info(), **obj}
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2, default=_jsonable) + "\n")
+    print(f"result written to {out}", flush=True)
+    return out
+
+
 def _jsonable(x: Any) -> Any:
     if isinstance(x, Path):
         return str(x)

@@ -36,6 +36,11 @@ def main() -> None:
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--set", action="append", default=[], dest="overrides", help="extra config overrides")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    p.add_argument(
+        "--result",
+        default=None,
+        help="write the JSON result, with the command, date and machine, to this file (e.g. docs/results/X.json)",
+    )
     args = p.parse_args()
     counts = [int(w) for w in args.workers.split(",")]
 
@@ -110,6 +115,10 @@ def main() -> None:
     }
     if args.json:
         print(json.dumps(summary))
+    if args.result:
+        from _common import write_result  # the benchmarks' helpers live beside this script
+
+        write_result(args.result, summary)
 
 
 if __name__ == "__main__":

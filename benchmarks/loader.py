@@ -60,7 +60,7 @@ import torch
 from sslrun.core.interfaces import ViewSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import tv_view_transform  # the benchmarks' shared helpers live beside this script
+from _common import tv_view_transform, write_result  # the benchmarks' shared helpers live beside this script
 
 
 def simclr_views(image_size: int) -> list[ViewSpec]:
@@ -310,6 +310,11 @@ def _log(msg: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--json", action="store_true", help="print a JSON object as the last line")
+    p.add_argument(
+        "--result",
+        default=None,
+        help="write the JSON result, with the command, date and machine, to this file (e.g. docs/results/X.json)",
+    )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=min(2, len(os.sched_getaffinity(0))),
                    help="FFCV threads = DataLoader worker processes (default: min(2, usable cores))")  # fmt: skip
@@ -400,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         results["photos (256px whole jpeg, 224px views)"] = photos
     print("speedup: by the wall clock; per CPU-s: images per CPU-second of all processes and threads involved")
     print(f"load average (1 min) before/after: {load_before[0]:.2f} / {load_after[0]:.2f} on {os.cpu_count()} cores")
-    if args.json:
+    if args.json or args.result:
         out = {
             **results,
             "batch_size": args.batch_size,
@@ -409,7 +414,10 @@ def main(argv: list[str] | None = None) -> int:
             "first_epoch_excluded": True,
             "load_avg_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
         }
-        print(json.dumps(out))
+        if args.json:
+            print(json.dumps(out))
+        if args.result:
+            write_result(args.result, out)
     return 0
 
 

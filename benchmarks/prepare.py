@@ -92,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="writer processes")
     p.add_argument("--max-side", type=int, default=256)
     p.add_argument("--json", action="store_true", help="print a JSON object as the last line")
+    p.add_argument(
+        "--result",
+        default=None,
+        help="write the JSON result, with the command, date and machine, to this file (e.g. docs/results/X.json)",
+    )
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="sslrun-prepare-") as tmp:
@@ -136,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.json:
         print(json.dumps(result))
+    if args.result:
+        from _common import write_result  # the benchmarks' helpers live beside this script
+
+        write_result(args.result, result)
     return 0
 
 

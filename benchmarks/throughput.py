@@ -60,6 +60,7 @@ from _common import (  # noqa: E402
     print_table,
     steady_rate,
     usable_cores,
+    write_result,
 )
 
 METHODS = ("simclr", "byol")
@@ -304,6 +305,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="runs per side, interleaved; the median run is reported")
     p.add_argument("--skip-lightly", action="store_true", help="measure the sslrun side only (no lightly env)")
     p.add_argument("--json", action="store_true", help="print a JSON object as the last line")
+    p.add_argument(
+        "--result",
+        default=None,
+        help="write the JSON result, with the command, date and machine, to this file (e.g. docs/results/X.json)",
+    )
     p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # internal: one side, one method
     args = p.parse_args(argv)
     args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -379,11 +385,15 @@ def main(argv: list[str] | None = None) -> int:
             f"after, on {before['cpu_count']} cores ({before['cpu']}); {before['date']}",
         ],
     )
-    if args.json:
+    if args.json or args.result:
         keys = ("batch_size", "threads", "workers", "warmup_steps", "steps", "width", "repeats")
         settings = {k: getattr(args, k) for k in keys}
         settings |= {"lr": args.lr, "max_samples": args.max_samples, "skip_lightly": args.skip_lightly}
-        print_json({"results": results, "settings": settings, "machine": before, "load_avg_after": load_after})
+        report = {"results": results, "settings": settings, "machine": before, "load_avg_after": load_after}
+        if args.json:
+            print_json(report)
+        if args.result:
+            write_result(args.result, report)
     return 0
 
 
