@@ -2,9 +2,10 @@
 
 One Ray task per such node (pinned there, no CPU reserved) calls :func:`sslrun.core.data.cache.locate` for every
 split: under a store URI data dir that copies the ``.beton`` to the node's own disk (one copy per node, verified,
-see :mod:`sslrun.core.data.staging`); under a local data dir it checks the node sees the prepared file. This runs
-before Ray Train forms the process group, so a slow copy never keeps other ranks in a collective that times out,
-and a node that cannot read the data is one line before any worker starts.
+see :mod:`sslrun.core.data.staging`); under a local data dir, the driver first sends the prepared file to every
+node that cannot see it and holds no verified copy (:mod:`sslrun.cluster.shipping`), then each node checks it can
+read it. This runs before Ray Train forms the process group, so a slow copy never keeps other ranks in a collective
+that times out, and a node that cannot read the data is one line before any worker starts.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def _worker_nodes(plan: LaunchPlan, nodes: list[dict[str, Any]]) -> list[str]:
 
 
 def stage_on_nodes(data_cfg: DataCfg, splits: list[str | None], plan: LaunchPlan, echo: Echo) -> None:
-    """Make every split readable on every node that can host a worker, one task per node, all at once.
+    """Make every split readable on every node that can host a worker, one task per node, all at once (after
+    shipping the driver's copy to the nodes that lack one, under a local data dir).
 
     Raises:
         ConfigError / DataError: a node cannot read or copy the data, in one line naming the node.
@@ -58,11 +60,17 @@ def stage_on_nodes(data_cfg: DataCfg, splits: list[str | None], plan: LaunchPlan
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from sslrun.cluster.shipping import ship_to_nodes
+    from sslrun.core.data.remote import is_uri
+
+    nodes = _worker_nodes(plan, ray.nodes())
+    if not is_uri(data_cfg.data_dir):  # no store: nodes that cannot see the driver's data get a copy from it
+        ship_to_nodes(data_cfg, splits, nodes, echo)
     task = ray.remote(num_cpus=0, max_retries=0)(_locate_all)
     plain = dataclasses.asdict(data_cfg)
     refs = {
         node: task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(plain, splits)
-        for node in _worker_nodes(plan, ray.nodes())
+        for node in nodes
     }
     for node, ref in refs.items():
         try:

@@ -58,8 +58,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     # the driver prepared (and copied to every node) each split before the workers started; preparing here would
     # keep the other ranks in a collective that times out
     refuse_preparing(
-        "the driver prepares data before the workers start: pass --data-dir s3://bucket/prefix (or a path every "
-        "node shares) so that every node can read it"
+        "the driver prepares the data and copies it to the nodes the cluster has when the launch starts; a node "
+        "that joins later cannot get it from a worker: pass --data-dir s3://bucket/prefix for clusters whose nodes "
+        "change (or a path every node shares)"
     )
     cfg = ExperimentConfig.from_dict(config["experiment"])
     check_plugin_versions(cfg)

@@ -28,7 +28,7 @@ from sslrun.core.config import DataCfg, coerce_dataclass
 from sslrun.core.data.format import verify_beton
 from sslrun.core.data.manifest import Manifest, manifest_path
 from sslrun.core.data.remote import Store, check_manifest_matches, is_uri, open_store
-from sslrun.core.data.staging import file_lock, stage, stage_root
+from sslrun.core.data.staging import file_lock, shipped_path, stage, stage_root
 from sslrun.core.data.writer import write_beton
 from sslrun.core.errors import ConfigError, DataError
 from sslrun.core.plugins.registry import get_registry
@@ -225,7 +225,9 @@ def _prepare_in_store(
 def locate(data_cfg: DataCfg, split: str | None = None) -> Path:
     """The local, verified ``.beton`` of a split that was prepared already; never prepares.
 
-    A local data dir is read where it is; a store's file is copied to this node once (:func:`stage`).
+    A local data dir is read where it is, or, on a node that does not see it, from the copy ``sslrun launch``
+    shipped to this node (:func:`~sslrun.core.data.staging.shipped_path`); a store's file is copied to this node
+    once (:func:`stage`).
 
     Raises:
         DataError / ConfigError: the split is not prepared (saying how to prepare it), does not match the
@@ -243,10 +245,15 @@ def locate(data_cfg: DataCfg, split: str | None = None) -> Path:
         return stage(store, *_store_parts(data_cfg, split), m)
     path = cached_path(data_cfg, split)
     if not path.exists():
-        raise DataError(
-            f"{path} does not exist on this node; pass --data-dir s3://bucket/prefix (or a path every node shares), "
-            f"or {prepare}"
-        )
+        shipped = shipped_path(data_cfg.data_dir, path.parent.name, path.name)
+        if not shipped.exists():
+            raise DataError(
+                f"{path} does not exist on this node and no copy was shipped to it ({shipped}): `sslrun launch` "
+                f"copies a driver's local data only to the nodes the cluster has when it starts, and a node that "
+                f"joins later cannot get it from a worker; pass --data-dir s3://bucket/prefix for clusters whose "
+                f"nodes change (or a path every node shares), or {prepare}"
+            )
+        path = shipped
     why = _cache_mismatch(verify_beton(path), data_cfg.dataset, split, data_cfg.format, config)
     if why is not None:
         raise DataError(f"{path} does not match this run: {why}; {prepare}")
@@ -300,5 +307,7 @@ def ensure_prepared(
     Raises:
         DataError / ConfigError / PluginError: one line saying what is wrong.
     """
+    if _REFUSED is not None:  # a Ray worker: the driver prepared the split, and shipped or published it; find it
+        return locate(data_cfg, split)
     path, _, _ = prepare_split(data_cfg, split, num_workers=num_workers, progress=progress)
     return locate(data_cfg, split) if is_uri(data_cfg.data_dir) else Path(path)

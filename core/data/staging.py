@@ -5,6 +5,9 @@ node's own disk: ``<stage root>/<hash of the store URI>/<dataset>/<split>.beton`
 root is ``$SSLRUN_STAGE_DIR``, else ``staged/`` under the default data cache: one per machine, shared by every
 worker on it.
 
+Copies that ``sslrun launch`` sends from a driver's local data dir to nodes that cannot see it are kept in the
+same root, under ``shipped/`` (:func:`shipped_path`).
+
 A copy is made under a lock per file (one copy per node, however many workers ask at once), downloaded to a
 temporary name while its sha256 is computed, compared with the manifest's size and sha256, and only then renamed
 into place: a partial or corrupt copy is never taken for a complete one. A bad copy is retried
@@ -29,7 +32,7 @@ from sslrun.core.data.remote import Store
 from sslrun.core.errors import DataError
 from sslrun.core.files import atomic_write_text
 
-__all__ = ["ATTEMPTS", "file_lock", "stage", "stage_root"]
+__all__ = ["ATTEMPTS", "file_lock", "is_current", "shipped_path", "stage", "stage_root"]
 
 ATTEMPTS = 3  # downloads of one file before staging gives up
 _CHUNK = 8 << 20
@@ -66,7 +69,14 @@ def file_lock(path: Path, doing: str = "preparing") -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _is_current(local: Path, manifest: Manifest) -> bool:
+def shipped_path(data_dir: str, folder: str, name: str) -> Path:
+    """Where this node keeps a copy of ``<data_dir>/<folder>/<name>`` that ``sslrun launch`` sent it from a driver
+    whose local data dir the node cannot see: ``<stage root>/shipped/<hash of data_dir>/<folder>/<name>``."""
+    key = hashlib.sha256(str(data_dir).encode()).hexdigest()[:16]
+    return stage_root() / "shipped" / key / folder / name
+
+
+def is_current(local: Path, manifest: Manifest) -> bool:
     """True when ``local`` is an intact copy of the file ``manifest`` describes."""
     try:
         have = verify_beton(local)
@@ -116,7 +126,7 @@ def stage(store: Store, dataset: str, split_file: str, manifest: Manifest, *, at
     local = stage_root() / key / dataset / split_file
     parts = (dataset, split_file)
     with file_lock(local, "staging"):
-        if _is_current(local, manifest):
+        if is_current(local, manifest):
             return local
         tmp = local.with_name(f".{local.name}.part{os.getpid()}")
         problem = ""

@@ -3,7 +3,7 @@
 A URI may name (``s3://``, ``gs://`` or any ``pyarrow.fs`` URI; an S3-compatible store through its query,
 ``?endpoint_override=host:port&scheme=http``):
 
-* a checkpoint file (``.../checkpoint.pt``, ``.../last.pt``);
+* a checkpoint file (``<prefix>/checkpoint.pt``, ``<prefix>/last.pt``);
 * a Ray Train checkpoint directory (``<storage_path>/<name>/checkpoint_<time>/``, holding ``checkpoint.pt``);
 * a mirrored run directory (``<storage_path>/<name>/run/``, holding ``checkpoints/last.pt``);
 * a run's storage directory (``<storage_path>/<name>``): its newest Ray Train checkpoint, else its mirrored
