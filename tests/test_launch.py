@@ -268,17 +268,18 @@ def test_kuberay_manifest_is_a_rayjob_whose_entrypoint_parses() -> None:
 
     docs = list(yaml.safe_load_all((CONFIGS / "kuberay-rayjob.yaml").read_text()))
     kinds = {d["kind"]: d for d in docs}
-    assert set(kinds) == {"PersistentVolumeClaim", "RayJob"}
+    assert set(kinds) == {"RayJob"}  # data and runs in object storage: no shared volume
     job = kinds["RayJob"]
     assert job["apiVersion"] == "ray.io/v1" and job["spec"]["rayClusterSpec"]["rayVersion"] == ray.__version__
-    assert kinds["PersistentVolumeClaim"]["spec"]["accessModes"] == ["ReadWriteMany"]
     args = _launch_args(job["spec"]["entrypoint"])
     _check_launch_command(args)
     assert args[args.index("--address") + 1] == "auto"
-    claim = kinds["PersistentVolumeClaim"]["metadata"]["name"]
+    assert args[args.index("--data-dir") + 1].startswith("s3://")
+    assert args[args.index("--storage-path") + 1].startswith("s3://")
     spec = job["spec"]["rayClusterSpec"]
     for pod in [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]:
-        assert {"name": "shared", "persistentVolumeClaim": {"claimName": claim}} in pod["volumes"]
+        assert not any("persistentVolumeClaim" in v for v in pod["volumes"])
+        assert pod["containers"][0]["envFrom"] == [{"secretRef": {"name": "sslrun-s3"}}]
         env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
         assert env["RAY_USAGE_STATS_ENABLED"] == "0"
 
