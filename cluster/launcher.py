@@ -231,6 +231,12 @@ def _worker_log(output: Path, rank: int) -> Path:
     return output / LOGS_DIR / f"RayTrainWorker-{pid}.log"
 
 
+def _under(uri: str, path: str) -> str:
+    """``path`` under ``uri``, keeping the URI's query (``s3://b/runs?endpoint_override=...``)."""
+    base, sep, query = uri.partition("?")
+    return f"{base.rstrip('/')}/{path}{sep}{query}"
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:300] if text else type(exc).__name__
@@ -251,6 +257,9 @@ def _summarise(result: Any, plan: LaunchPlan, echo: Echo, logs: Path) -> LaunchR
     if info.get("images_per_second"):
         echo(f"  throughput:     {info['images_per_second']:.0f} images/s")
     echo(f"  TensorBoard:    tensorboard --logdir {output / 'tb'}")
+    if "://" in plan.storage_path:  # the run's copy in object storage (cluster/mirror.py), readable from anywhere
+        run_copy = _under(plan.storage_path, f"{plan.name}/run")
+        echo(f"  run in storage: {run_copy} (tensorboard --logdir {_under(run_copy, 'tb')} with boto3 installed)")
     echo(f"  checkpoint:     {checkpoint if checkpoint is not None else '(none written)'}")
     echo(f"  Ray checkpoint: {ray_checkpoint or '(none)'}")
     echo(f"  logs:           {logs} (every process's full output)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -315,7 +316,7 @@ def test_two_nodes_stage_the_bucket_data_once_each_and_train(s3: str, tmp_path: 
         for cache in caches:
             cluster.add_node(num_cpus=1, env_vars={"SSLRUN_STAGE_DIR": str(cache)})
         cluster.wait_for_nodes()
-        args = ["launch", "--method", "simclr", "--encoder", "small_cnn", "--dataset", "synthetic", "--epochs", "2"]
+        args = ["launch", "--method", "simclr", "--encoder", "small_cnn", "--dataset", "synthetic", "--epochs", "100"]
         args += ["--batch-size", "16", "--output", str(tmp_path / "run"), "--data-dir", data]
         args += ["--storage-path", runs, "--address", cluster.address, "--nodes", "2"]
         for item in ("num_samples=64", "size=16", "test_samples=16"):
@@ -327,6 +328,7 @@ def test_two_nodes_stage_the_bucket_data_once_each_and_train(s3: str, tmp_path: 
         out = res.stdout + res.stderr
         assert res.returncode == 0, out
         assert "finished: 2 steps" in out
+        assert f"run in storage: {runs.replace('/runs?', '/runs/run/run?')}" in out, out
         for cache in caches:  # one copy per node, made before the workers started, and none by the workers
             (copy,) = cache.rglob("*.beton")
             assert out.count(f"{copy} (copied now)") == 1, out
@@ -341,14 +343,38 @@ def test_two_nodes_stage_the_bucket_data_once_each_and_train(s3: str, tmp_path: 
         for name in ("config.toml", "metrics.jsonl", "launch.jsonl", "checkpoints/last.pt"):
             assert f"runs/run/run/{name}" in mirrored, sorted(mirrored)
 
-        # rank 0's node is lost with everything local: --resume continues from the bucket, history included
+        # rank 0's node is lost with everything local: --resume continues from the bucket, history included;
+        # SIGTERM then raises the stop flag in the bucket, the workers checkpoint and stop
         shutil.rmtree(tmp_path / "run")
-        res = _cli(*args, "--max-steps", "4", "--resume", env=env, timeout=300)
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        proc = subprocess.Popen(
+            [SSLRUN, *args, "--max-steps", "400", "--resume"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **env},
+        )
+        try:
+            deadline = time.monotonic() + 240
+            while not (metrics.exists() and any(json.loads(x)["step"] >= 4 for x in metrics.read_text().splitlines())):
+                assert proc.poll() is None and time.monotonic() < deadline, "the resumed run did not reach step 4"
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=180)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 0, out
+        assert "stopped: " in out and "continue with the same command plus --resume" in out, out
+        stopped = int(out.split("stopped: ", 1)[1].split(" ", 1)[0])
+        assert 4 <= stopped < 400
+        assert "runs/run/.sslrun-stop" in _objects(s3, "e2e-runs")  # the flag the workers polled, in the bucket
+        steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+        assert sorted(set(steps))[:4] == [1, 2, 3, 4], steps  # steps 1-2 restored from the bucket, then appended
+        res = _cli(*args, "--max-steps", str(stopped + 2), "--resume", env=env, timeout=300)
         out = res.stdout + res.stderr
         assert res.returncode == 0, out
-        assert "finished: 4 steps" in out
-        steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-        assert sorted(set(steps)) == [1, 2, 3, 4], steps  # steps 1-2 restored from the bucket, 3-4 appended
+        assert f"finished: {stopped + 2} steps" in out, out
 
         # evaluation straight from the run's storage: its newest checkpoint, downloaded once
         res = _cli(
