@@ -27,8 +27,10 @@ def _evaluate(
     weight_decay: float | None = None,
     from_scratch: bool = False,
     encoder: str | None = None,
+    tune: bool = False,
 ) -> None:
     """Run one evaluation, then print a rich table of it (or only its JSON)."""
+    from sslrun.core.eval.checkpoint_uri import local_checkpoint
     from sslrun.core.eval.evaluate import EvalOptions, evaluate
 
     options = EvalOptions(
@@ -42,9 +44,12 @@ def _evaluate(
         max_samples=flags.max_samples,
         num_workers=flags.num_workers or 1,
     )
-    result, path = evaluate(
+    from sslrun.core.eval.tuned_eval import evaluate_tuned
+
+    run = evaluate_tuned if tune else evaluate  # tuned: lr, weight decay and epochs chosen on held-out labels
+    result, path = run(
         kind,
-        flags.checkpoint,
+        local_checkpoint(flags.checkpoint) if flags.checkpoint is not None else None,
         dataset=flags.dataset,
         data_dir=flags.data_dir,
         root=flags.root,
@@ -86,6 +91,15 @@ def result_rows(result: EvalResult, json_path: Path | None = None) -> list[tuple
         recipe = d["recipe"]
         rows += [("recipe", f"{recipe['epochs']} epochs, {d['steps']} steps, lr {recipe['lr']:g}/256, SGD+cosine")]
         rows += [("final train loss", f"{d['final_loss']:.4f}")]
+        if "tuning" in d:
+            t = d["tuning"]
+            rows += [
+                (
+                    "tuned",
+                    f"{len(t['trials'])} settings on {t['num_fit']} images, best held-out top-1 "
+                    f"{_pct(t['chosen']['heldout_top1'])} of {t['num_heldout']}; train top-1 {_pct(d['train_top1'])}",
+                )
+            ]
     rows += [("seconds", f"{result.seconds:.1f}")]
     rows += [("checkpoint", f"{result.checkpoint} (step {result.checkpoint_step})" if result.checkpoint else "none")]
     if json_path is not None:
@@ -128,23 +142,50 @@ def eval_finetune(
     encoder: Annotated[
         str | None, typer.Option(help="Encoder for --from-scratch without --checkpoint (e.g. resnet18).")
     ] = None,
+    tune: Annotated[
+        bool,
+        typer.Option(
+            "--tune",
+            help="Choose lr, weight decay and epochs on a held-out 20% of the labelled subset (pad+crop+flip), "
+            "then retrain on all of it; see docs/evaluation.md.",
+        ),
+    ] = False,
 ) -> None:
     """Fine-tune the whole encoder + a linear head on the labelled subset (light crop+flip), score on test."""
     _evaluate(
-        "finetune", flags, epochs=epochs, lr=lr, weight_decay=weight_decay, from_scratch=from_scratch, encoder=encoder
+        "finetune",
+        flags,
+        epochs=epochs,
+        lr=lr,
+        weight_decay=weight_decay,
+        from_scratch=from_scratch,
+        encoder=encoder,
+        tune=tune,
     )
 
 
 @friendly
 def export(
-    checkpoint: Annotated[str, typer.Option("--checkpoint", help="An sslrun checkpoint or run directory.")],
+    checkpoint: Annotated[
+        str,
+        typer.Option(
+            "--checkpoint",
+            help="An sslrun checkpoint or run directory, or a URI: s3://bucket/runs/NAME (its newest checkpoint), "
+            "a checkpoint_* directory in it, or a checkpoint file.",
+        ),
+    ],
     output: Annotated[Path, typer.Option("--output", "-o", help="The file to write, e.g. encoder.pt.")],
     as_json: ResultJsonOpt = False,
 ) -> None:
     """Write the encoder's weights alone (plain state_dict + metadata), loadable without sslrun."""
+    from sslrun.core.data.remote import is_uri
+    from sslrun.core.eval.checkpoint_uri import fetch_checkpoint
     from sslrun.core.eval.export import export_encoder
 
-    meta = export_encoder(checkpoint, output)
+    source = None
+    if is_uri(checkpoint):  # recorded as the checkpoint file's URI, without the query (it may hold credentials)
+        checkpoint, source = fetch_checkpoint(checkpoint)
+    meta = export_encoder(checkpoint, output, source=source)
     if as_json:
         typer.echo(json.dumps({"output": str(output), **meta}, indent=2))
         return

@@ -48,7 +48,11 @@ __all__ = [
     "EvalOptions",
     "EvalResult",
     "PROTOCOLS",
+    "eval_data_cfg",
     "evaluate",
+    "label_subset",
+    "make_result",
+    "results_dir",
     "run_finetune",
     "run_knn",
     "run_linear",
@@ -163,12 +167,12 @@ def _top5(num_classes: int, value: float) -> float | None:
     return value if num_classes > 5 else None
 
 
-def _subset(labels: torch.Tensor, data: EvalData, opts: EvalOptions) -> np.ndarray:
+def label_subset(labels: torch.Tensor, data: EvalData, opts: EvalOptions) -> np.ndarray:
     """The labelled subset of the train split (indices into it); depends on labels, fraction and seed only."""
     return balanced_subset(labels.numpy(), opts.label_fraction, seed=opts.seed, num_classes=data.num_classes)
 
 
-def _result(
+def make_result(
     kind: str,
     pre: Pretrained,
     data: EvalData,
@@ -217,7 +221,7 @@ def _features(pre: Pretrained, data: EvalData, opts: EvalOptions, device: torch.
     f_test, y_test = f_test[keep], y_test[keep]
     if y_test.numel() == 0:
         raise DataError(f"split {data.test_split!r} of {data.dataset!r} has no labelled samples to score")
-    idx = torch.from_numpy(_subset(y_train, data, opts))
+    idx = torch.from_numpy(label_subset(y_train, data, opts))
     return {
         "train": (f_train[idx], y_train[idx]),
         "test": (f_test, y_test),
@@ -245,7 +249,7 @@ def run_knn(pre: Pretrained, data: EvalData, opts: EvalOptions) -> EvalResult:
         )
         settings.append({"k": k, "t": t, "top1": acc[1], "top5": _top5(data.num_classes, acc[5])})
     head = settings[-1]
-    return _result(
+    return make_result(
         "knn",
         pre,
         data,
@@ -278,7 +282,7 @@ def run_linear(pre: Pretrained, data: EvalData, opts: EvalOptions) -> EvalResult
     )
     test_acc = topk_accuracy(probe.logits(xt.to(device)), yt, (1, 5))
     train_acc = topk_accuracy(probe.logits(x.to(device)), y, (1,))[1]
-    return _result(
+    return make_result(
         "linear",
         pre,
         data,
@@ -314,7 +318,7 @@ def run_finetune(pre: Pretrained, data: EvalData, opts: EvalOptions) -> EvalResu
     started = time.perf_counter()
     device = parse_device(opts.device)
     labels = read_labels(data.train, max_samples=opts.max_samples)
-    indices = _subset(labels, data, opts)
+    indices = label_subset(labels, data, opts)
     ft = FinetuneOptions(
         epochs=opts.epochs or FINETUNE_DEFAULT_EPOCHS,
         batch_size=opts.batch_size,
@@ -334,7 +338,7 @@ def run_finetune(pre: Pretrained, data: EvalData, opts: EvalOptions) -> EvalResu
         seed=opts.seed,
         max_test_samples=opts.max_samples,
     )
-    return _result(
+    return make_result(
         "scratch" if pre.checkpoint is None else "finetune",
         pre,
         data,
@@ -367,7 +371,7 @@ def scratch_encoder(cfg: ExperimentConfig, image_size: int, seed: int) -> Pretra
     return Pretrained(cfg=cfg, encoder=encoder, image_size=image_size)
 
 
-def _eval_data_cfg(
+def eval_data_cfg(
     base: DataCfg | None,
     dataset: str | None,
     data_dir: str | None,
@@ -440,12 +444,12 @@ def evaluate(
     started = time.perf_counter()
     if checkpoint is not None:
         pre = load_pretrained(checkpoint)
-        data_cfg = _eval_data_cfg(pre.cfg.data, dataset, data_dir, root, dataset_kwargs, opts.num_workers)
+        data_cfg = eval_data_cfg(pre.cfg.data, dataset, data_dir, root, dataset_kwargs, opts.num_workers)
         if from_scratch:
             pre = scratch_encoder(pre.cfg, pre.image_size, opts.seed)
-        out_dir = Path(output) if output else _results_dir(checkpoint)
+        out_dir = Path(output) if output else results_dir(checkpoint)
     else:
-        data_cfg = _eval_data_cfg(None, dataset, data_dir, root, dataset_kwargs, opts.num_workers)
+        data_cfg = eval_data_cfg(None, dataset, data_dir, root, dataset_kwargs, opts.num_workers)
         cfg = ExperimentConfig(encoder=PluginRef(encoder or "small_cnn"), data=data_cfg)
         from sslrun.core.plugins.resolve import build_dataset
 
@@ -462,7 +466,7 @@ def evaluate(
     return result, write_result(result, out_dir)
 
 
-def _results_dir(checkpoint: str | Path) -> Path:
+def results_dir(checkpoint: str | Path) -> Path:
     """Where results of ``checkpoint`` go: the checkpoint file's directory (a run directory's ``checkpoints/``)."""
     p = Path(checkpoint)
     if p.is_dir():

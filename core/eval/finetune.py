@@ -12,12 +12,18 @@ with a cosine decay to 0 (the per-step arrays of :mod:`sslrun.core.train.schedul
 weight decay 5e-4 on conv/linear weights (SimCLR uses none; on a few hundred CIFAR images the network overfits
 without it) and a one-epoch linear warm-up (the new head starts random; its first gradients would otherwise
 disturb the pretrained features most). The test split is scored once, at the end (never used for selection).
+
+``augment="pad_crop"`` replaces the resized crop with the standard supervised augmentation (pad 4 px, random crop
+of the original size, horizontal flip), applied to training batches only; :mod:`sslrun.core.eval.tune` uses it,
+with every labelled image in every epoch (``drop_last=False``), to choose lr, weight decay and length on a held-out
+part of the labelled subset.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,11 +32,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sslrun.core.errors import DataError, TrainingError
+from sslrun.core.errors import ConfigError, DataError, TrainingError
 from sslrun.core.interfaces import ViewSpec
+from sslrun.core.rng import batch_seed
 from sslrun.core.train.schedules import scaled_lr, warmup_cosine
 
-__all__ = ["Classifier", "FinetuneOptions", "FinetuneOutcome", "finetune", "light_view", "read_labels"]
+__all__ = [
+    "AUGMENTATIONS",
+    "Classifier",
+    "FinetuneOptions",
+    "FinetuneOutcome",
+    "TrainedClassifier",
+    "finetune",
+    "fit_classifier",
+    "light_view",
+    "new_classifier",
+    "read_labels",
+    "score_split",
+    "train_classifier",
+]
+
+#: The training augmentations of :class:`FinetuneOptions` (``augment``).
+AUGMENTATIONS = ("resized_crop", "pad_crop")
 
 
 @dataclass
@@ -48,6 +71,12 @@ class FinetuneOptions:
         crop_scale: area range of the random resized crop (light: the object stays in view).
         flip_p: horizontal flip probability.
         num_workers: FFCV loader threads.
+        augment: ``resized_crop`` (the crop of ``crop_scale``, SimCLR's fine-tuning augmentation) or ``pad_crop``
+            (pad ``pad`` pixels of black, take a random crop of the original size, flip: the standard supervised
+            recipe of torchvision's CIFAR / Fashion-MNIST examples).
+        pad: padding of the ``pad_crop`` augmentation, in pixels.
+        drop_last: drop each epoch's last incomplete batch. False keeps every labelled image in every epoch
+            (the loader completes the last batch with images from the start of the epoch's order).
     """
 
     epochs: int = 30
@@ -59,6 +88,19 @@ class FinetuneOptions:
     crop_scale: tuple[float, float] = (0.5, 1.0)
     flip_p: float = 0.5
     num_workers: int = 1
+    augment: str = "resized_crop"
+    pad: int = 4
+    drop_last: bool = True
+
+    def __post_init__(self) -> None:
+        if self.augment not in AUGMENTATIONS:
+            raise ConfigError(f"fine-tuning augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
+        if self.pad < 0:
+            raise ConfigError(f"fine-tuning pad must be >= 0 pixels, got {self.pad}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError(
+                f"fine-tuning needs epochs >= 1 and batch_size >= 1, got {self.epochs}, {self.batch_size}"
+            )
 
 
 @dataclass
@@ -92,7 +134,20 @@ class Classifier(nn.Module):
 
 
 def light_view(image_size: int, opts: FinetuneOptions) -> ViewSpec:
-    """The fine-tuning augmentation: random resized crop + flip, no colour jitter, grayscale, blur or solarize."""
+    """The view the loader makes for fine-tuning, never with colour jitter, grayscale, blur or solarize: for
+    ``resized_crop``, a random resized crop + flip; for ``pad_crop``, the whole image unchanged
+    (:func:`sslrun.core.eval.labelled.pad_crop_flip` then runs on the training batch)."""
+    if opts.augment == "pad_crop":
+        return ViewSpec(
+            size=image_size,
+            scale=(1.0, 1.0),
+            ratio=(1.0, 1.0),
+            flip_p=0.0,
+            jitter_p=0.0,
+            grayscale_p=0.0,
+            blur_p=0.0,
+            solarize_p=0.0,
+        )
     return ViewSpec(
         size=image_size,
         scale=opts.crop_scale,
@@ -127,8 +182,17 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, objec
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _logits(model: nn.Module, images: torch.Tensor, image_size: int, device: torch.device) -> torch.Tensor:
+    """Eval-mode logits of normalised ``images`` (resized to ``image_size`` when the split stores other sizes)."""
+    if images.shape[-1] != image_size:
+        images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", antialias=True)
+    images = images.contiguous(memory_format=torch.channels_last)  # faster convolutions, CPU too
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return model(images).float()
+
+
 @torch.no_grad()
-def _score(
+def score_split(
     model: nn.Module,
     test_path: Path,
     *,
@@ -142,7 +206,6 @@ def _score(
     from sslrun.core.data.eval_loader import EvalLoader
 
     model.eval()
-    cuda = device.type == "cuda"
     loader = EvalLoader(test_path, batch_size, device=device, num_workers=num_workers, max_samples=max_samples)
     correct1 = correct5 = total = 0
     try:
@@ -151,12 +214,8 @@ def _score(
             keep = y >= 0
             if not bool(keep.any()):
                 continue
-            images, y = images[keep], y[keep]
-            if images.shape[-1] != image_size:
-                images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", antialias=True)
-            images = images.contiguous(memory_format=torch.channels_last)  # faster convolutions, CPU too
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                logits = model(images).float()
+            logits = _logits(model, images[keep], image_size, device)
+            y = y[keep]
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
             correct1 += int((top[:, 0] == y).sum())
             correct5 += int((top == y[:, None]).any(dim=1).sum())
@@ -166,6 +225,124 @@ def _score(
     if total == 0:
         raise DataError(f"{test_path} has no labelled samples to score")
     return correct1 / total, correct5 / total, total
+
+
+@dataclass
+class TrainedClassifier:
+    """A fine-tuned encoder + head, and how its training went."""
+
+    model: Classifier
+    steps: int
+    epoch_loss: list[float]
+
+
+def new_classifier(encoder: nn.Module, num_classes: int, device: torch.device, seed: int) -> Classifier:
+    """A copy of ``encoder`` plus a seeded head, channels_last, on ``device`` (``encoder`` is never modified)."""
+    with torch.random.fork_rng(devices=[]):  # seeded head, without touching the caller's global RNG state
+        torch.manual_seed(seed)
+        model = Classifier(copy.deepcopy(encoder), num_classes).to(device)
+    return model.to(memory_format=torch.channels_last)  # faster convolutions on CPU (oneDNN) and CUDA
+
+
+def fit_classifier(
+    model: nn.Module,
+    batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+    *,
+    steps_per_epoch: int,
+    batch_size: int,
+    device: torch.device,
+    opts: FinetuneOptions,
+) -> tuple[int, list[float]]:
+    """The training loop: ``opts.epochs`` epochs of ``batches(epoch)`` (augmented, normalised images and labels),
+    SGD + Nesterov with warm-up and cosine per step. Returns ``(steps, mean loss of each epoch)``.
+
+    Raises:
+        TrainingError: the loss became non-finite (lower ``--lr``).
+    """
+    cuda = device.type == "cuda"
+    total = opts.epochs * steps_per_epoch
+    warmup = min(round(opts.warmup_epochs * steps_per_epoch), total)
+    lrs = warmup_cosine(scaled_lr(opts.lr, batch_size), 0.0, total, warmup)
+    optimizer = torch.optim.SGD(
+        _param_groups(model, opts.weight_decay), lr=float(lrs[0]), momentum=opts.momentum, nesterov=True
+    )
+    step = 0
+    epoch_loss: list[float] = []
+    model.train()
+    for epoch in range(opts.epochs):
+        running, count = 0.0, 0
+        for x, y in batches(epoch):
+            for group in optimizer.param_groups:
+                group["lr"] = float(lrs[min(step, total - 1)])
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y.to(device).long())
+            if not torch.isfinite(loss):
+                raise TrainingError(f"fine-tuning loss became {loss.item()} at step {step}; lower --lr (now {opts.lr})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            running += loss.item()
+            count += 1
+            step += 1
+        epoch_loss.append(running / max(count, 1))
+    return step, epoch_loss
+
+
+def train_classifier(
+    encoder: nn.Module,
+    *,
+    num_classes: int,
+    train_path: Path,
+    indices: np.ndarray,
+    image_size: int,
+    device: torch.device,
+    opts: FinetuneOptions,
+    seed: int = 0,
+) -> TrainedClassifier:
+    """Train a copy of ``encoder`` plus a linear head on samples ``indices`` of ``train_path``, read through the
+    FFCV :class:`~sslrun.core.data.loader.ViewLoader` (no scoring).
+
+    Raises:
+        DataError: fewer than 2 labelled samples.
+        TrainingError: the loss became non-finite (lower ``--lr``).
+    """
+    from sslrun.core.data.loader import ViewLoader
+    from sslrun.core.eval.labelled import black_fill, pad_crop_flip
+
+    n = int(indices.size)
+    if n < 2:
+        raise DataError(f"fine-tuning needs at least 2 labelled samples, the subset has {n}; raise --label-fraction")
+    model = new_classifier(encoder, num_classes, device, seed)
+    batch = min(opts.batch_size, n)
+    loader = ViewLoader(
+        train_path,
+        [light_view(image_size, opts)],
+        batch,
+        device=device,
+        num_workers=opts.num_workers,
+        seed=seed,
+        indices=np.asarray(indices, dtype=np.int64),
+        drop_last=opts.drop_last,
+    )
+    fill = black_fill(loader.mean, loader.std, device)
+
+    def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for b, (views, y) in enumerate(loader.epoch(epoch)):
+            x = views[0]
+            if opts.augment == "pad_crop":  # training batches only: scoring always sees the unchanged images
+                g = torch.Generator().manual_seed(batch_seed(seed, epoch, b, 0, 1))
+                x = pad_crop_flip(x, opts.pad, opts.flip_p, g, fill)
+            yield x, y
+
+    try:
+        steps, epoch_loss = fit_classifier(
+            model, batches, steps_per_epoch=len(loader), batch_size=batch, device=device, opts=opts
+        )
+    finally:
+        loader.close()
+    return TrainedClassifier(model, steps, epoch_loss)
 
 
 def finetune(
@@ -181,7 +358,8 @@ def finetune(
     seed: int = 0,
     max_test_samples: int | None = None,
 ) -> FinetuneOutcome:
-    """Fine-tune a copy of ``encoder`` plus a linear head on samples ``indices`` of ``train_path``.
+    """Fine-tune a copy of ``encoder`` plus a linear head on samples ``indices`` of ``train_path``, then score it
+    once on ``test_path``.
 
     Args:
         encoder: the starting point (pretrained, or random for the from-scratch baseline); it is copied, never
@@ -201,64 +379,19 @@ def finetune(
         DataError: fewer than 2 labelled samples.
         TrainingError: the loss became non-finite (lower ``--lr``).
     """
-    from sslrun.core.data.loader import ViewLoader
-
     opts = opts or FinetuneOptions()
-    n = int(indices.size)
-    if n < 2:
-        raise DataError(f"fine-tuning needs at least 2 labelled samples, the subset has {n}; raise --label-fraction")
-    with torch.random.fork_rng(devices=[]):  # seeded head, without touching the caller's global RNG state
-        torch.manual_seed(seed)
-        model = Classifier(copy.deepcopy(encoder), num_classes).to(device)
-    cuda = device.type == "cuda"
-    model = model.to(memory_format=torch.channels_last)  # faster convolutions on CPU (oneDNN) and CUDA
-    batch = min(opts.batch_size, n)
-    loader = ViewLoader(
-        train_path,
-        [light_view(image_size, opts)],
-        batch,
+    trained = train_classifier(
+        encoder,
+        num_classes=num_classes,
+        train_path=train_path,
+        indices=indices,
+        image_size=image_size,
         device=device,
-        num_workers=opts.num_workers,
+        opts=opts,
         seed=seed,
-        indices=np.asarray(indices, dtype=np.int64),
-        drop_last=True,
     )
-    try:
-        steps_per_epoch = len(loader)
-        total = opts.epochs * steps_per_epoch
-        warmup = min(round(opts.warmup_epochs * steps_per_epoch), total)
-        lrs = warmup_cosine(scaled_lr(opts.lr, batch), 0.0, total, warmup)
-        optimizer = torch.optim.SGD(
-            _param_groups(model, opts.weight_decay), lr=float(lrs[0]), momentum=opts.momentum, nesterov=True
-        )
-        step = 0
-        epoch_loss: list[float] = []
-        model.train()
-        for epoch in range(opts.epochs):
-            running, count = 0.0, 0
-            for views, y in loader.epoch(epoch):
-                for group in optimizer.param_groups:
-                    group["lr"] = float(lrs[step])
-                x = views[0]
-                x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                    logits = model(x)
-                loss = F.cross_entropy(logits.float(), y.to(device).long())
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"fine-tuning loss became {loss.item()} at step {step}; lower --lr (now {opts.lr})"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                running += loss.item()
-                count += 1
-                step += 1
-            epoch_loss.append(running / max(count, 1))
-    finally:
-        loader.close()
-    top1, top5, num_test = _score(
-        model,
+    top1, top5, num_test = score_split(
+        trained.model,
         test_path,
         batch_size=opts.batch_size,
         image_size=image_size,
@@ -266,5 +399,5 @@ def finetune(
         num_workers=opts.num_workers,
         max_samples=max_test_samples,
     )
-    final = epoch_loss[-1] if epoch_loss else math.nan
-    return FinetuneOutcome(top1, top5, num_test, step, final, epoch_loss)
+    final = trained.epoch_loss[-1] if trained.epoch_loss else math.nan
+    return FinetuneOutcome(top1, top5, num_test, trained.steps, final, trained.epoch_loss)
