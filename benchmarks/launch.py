@@ -55,8 +55,8 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     try:
         with tempfile.TemporaryDirectory(prefix="sslrun-bench-launch-") as tmp:
-            for n in counts:
-                out = Path(tmp) / f"w{n}"
+            for i, n in enumerate(counts):
+                out = Path(tmp) / f"run{i}-w{n}"  # a count may repeat (interleaved A/B runs)
                 cfg = experiment_from_cli(
                     None,
                     [
