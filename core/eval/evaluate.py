@@ -48,11 +48,9 @@ __all__ = [
     "EvalOptions",
     "EvalResult",
     "PROTOCOLS",
-    "eval_data_cfg",
     "evaluate",
     "label_subset",
     "make_result",
-    "results_dir",
     "run_finetune",
     "run_knn",
     "run_linear",
@@ -371,7 +369,7 @@ def scratch_encoder(cfg: ExperimentConfig, image_size: int, seed: int) -> Pretra
     return Pretrained(cfg=cfg, encoder=encoder, image_size=image_size)
 
 
-def eval_data_cfg(
+def _eval_data_cfg(
     base: DataCfg | None,
     dataset: str | None,
     data_dir: str | None,
@@ -411,6 +409,7 @@ def evaluate(
     from_scratch: bool = False,
     encoder: str | None = None,
     output: str | Path | None = None,
+    protocol: Callable[[Pretrained, EvalData, EvalOptions], EvalResult] | None = None,
 ) -> tuple[EvalResult, Path]:
     """Run one evaluation end to end and write its JSON file.
 
@@ -425,6 +424,8 @@ def evaluate(
         from_scratch: fine-tune the checkpoint's encoder architecture (or ``encoder``) from random weights.
         encoder: encoder plugin for ``from_scratch`` without a checkpoint.
         output: directory for the JSON (default: the checkpoint's directory; ``runs/eval`` without one).
+        protocol: run this instead of ``PROTOCOLS[kind]`` (e.g. the tuned fine-tune of
+            :mod:`sslrun.core.eval.tuned_eval`); the loading, checks and result file stay the same.
 
     Returns:
         ``(result, json_path)``.
@@ -444,12 +445,12 @@ def evaluate(
     started = time.perf_counter()
     if checkpoint is not None:
         pre = load_pretrained(checkpoint)
-        data_cfg = eval_data_cfg(pre.cfg.data, dataset, data_dir, root, dataset_kwargs, opts.num_workers)
+        data_cfg = _eval_data_cfg(pre.cfg.data, dataset, data_dir, root, dataset_kwargs, opts.num_workers)
         if from_scratch:
             pre = scratch_encoder(pre.cfg, pre.image_size, opts.seed)
-        out_dir = Path(output) if output else results_dir(checkpoint)
+        out_dir = Path(output) if output else _results_dir(checkpoint)
     else:
-        data_cfg = eval_data_cfg(None, dataset, data_dir, root, dataset_kwargs, opts.num_workers)
+        data_cfg = _eval_data_cfg(None, dataset, data_dir, root, dataset_kwargs, opts.num_workers)
         cfg = ExperimentConfig(encoder=PluginRef(encoder or "small_cnn"), data=data_cfg)
         from sslrun.core.plugins.resolve import build_dataset
 
@@ -457,7 +458,7 @@ def evaluate(
         pre = scratch_encoder(cfg, image_size, opts.seed)
         out_dir = Path(output) if output else Path("runs") / "eval"
     data = prepare_eval_data(data_cfg)
-    result = PROTOCOLS[kind](pre, data, opts)
+    result = (protocol or PROTOCOLS[kind])(pre, data, opts)
     result.seconds = round(time.perf_counter() - started, 3)
     if checkpoint is not None and from_scratch:
         result.details["architecture_from"] = str(Path(checkpoint).resolve())  # no weights taken from it
@@ -466,7 +467,7 @@ def evaluate(
     return result, write_result(result, out_dir)
 
 
-def results_dir(checkpoint: str | Path) -> Path:
+def _results_dir(checkpoint: str | Path) -> Path:
     """Where results of ``checkpoint`` go: the checkpoint file's directory (a run directory's ``checkpoints/``)."""
     p = Path(checkpoint)
     if p.is_dir():

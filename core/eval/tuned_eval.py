@@ -8,25 +8,20 @@ Same checkpoint handling, data, label subset and JSON file as ``evaluate("finetu
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from sslrun.core.config import ExperimentConfig, PluginRef
-from sslrun.core.errors import ConfigError, DataError
+from sslrun.core.errors import ConfigError
 from sslrun.core.eval.evaluate import (
     EvalOptions,
     EvalResult,
-    eval_data_cfg,
+    evaluate,
     label_subset,
     make_result,
-    results_dir,
-    scratch_encoder,
-    write_result,
 )
-from sslrun.core.eval.features import EvalData, Pretrained, load_pretrained, prepare_eval_data
+from sslrun.core.eval.features import EvalData, Pretrained
 from sslrun.core.eval.finetune import FinetuneOptions, read_labels
 from sslrun.core.eval.tune import TuneGrid, tune_finetune
 from sslrun.core.system import parse_device
@@ -97,31 +92,18 @@ def evaluate_tuned(
     Raises:
         ConfigError / CheckpointError / DataError / PluginError: one line saying what to fix.
     """
-    opts = options or EvalOptions()
     if kind != "finetune":
         raise ConfigError(f"--tune applies to `sslrun eval finetune` only, not {kind!r}")
-    if checkpoint is None and not from_scratch:
-        raise ConfigError("`sslrun eval finetune` needs --checkpoint PATH (a run's checkpoints/last.pt)")
-    if encoder is not None and checkpoint is not None:
-        raise ConfigError("--encoder is only for --from-scratch without a checkpoint (the checkpoint names one)")
-    started = time.perf_counter()
-    if checkpoint is not None:
-        pre = load_pretrained(checkpoint)
-        data_cfg = eval_data_cfg(pre.cfg.data, dataset, data_dir, root, dataset_kwargs, opts.num_workers)
-        if from_scratch:
-            pre = scratch_encoder(pre.cfg, pre.image_size, opts.seed)
-        out_dir = Path(output) if output else results_dir(checkpoint)
-    else:
-        from sslrun.core.plugins.resolve import build_dataset
-
-        data_cfg = eval_data_cfg(None, dataset, data_dir, root, dataset_kwargs, opts.num_workers)
-        cfg = ExperimentConfig(encoder=PluginRef(encoder or "small_cnn"), data=data_cfg)
-        pre = scratch_encoder(cfg, int(build_dataset(cfg).info().image_size), opts.seed)
-        out_dir = Path(output) if output else Path("runs") / "eval"
-    result = run_tuned_finetune(pre, prepare_eval_data(data_cfg), opts, grid)
-    result.seconds = round(time.perf_counter() - started, 3)
-    if checkpoint is not None and from_scratch:
-        result.details["architecture_from"] = str(Path(checkpoint).resolve())  # no weights taken from it
-    if not math.isfinite(result.top1):
-        raise DataError(f"evaluation produced a non-finite accuracy ({result.top1}); check the data")
-    return result, write_result(result, out_dir)
+    return evaluate(
+        kind,
+        checkpoint,
+        dataset=dataset,
+        data_dir=data_dir,
+        root=root,
+        dataset_kwargs=dataset_kwargs,
+        options=options,
+        from_scratch=from_scratch,
+        encoder=encoder,
+        output=output,
+        protocol=lambda pre, data, opts: run_tuned_finetune(pre, data, opts, grid),
+    )
