@@ -89,6 +89,16 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, every: flo
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def committed_steps(run_dir: Path) -> list[int]:
+    """Steps of the checkpoints Ray Train has committed (its snapshot), not directories that merely exist (a
+    checkpoint directory appears before Ray commits its report)."""
+    try:
+        data = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+    return [int(r["metrics"]["step"]) for r in data.get("checkpoint_results", [])]
+
+
 def token_env() -> dict[str, str]:
     """The environment for ``ray start`` and ``sslrun launch --address``: token authentication on, with the token
     in ``~/.ray/auth_token`` created first (``ray start --head`` refuses token mode when no token exists yet)."""

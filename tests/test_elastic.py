@@ -27,6 +27,7 @@ from sslrun.core.config import ExperimentConfig
 
 # by package path: Ray workers import this module (its `_record_ids`) without tests/ on sys.path
 from sslrun.tests.net import require_loopback_namespace
+from sslrun.tests.ray_head import committed_steps, wait_for
 
 RECORD = "sslrun.tests.test_elastic:_record_ids"
 QUICK = [
@@ -106,24 +107,6 @@ def _metrics(output: Path) -> list[dict[str, Any]]:
 
 def _events(output: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (output / "launch.jsonl").read_text().splitlines()]
-
-
-def _committed_steps(run_dir: Path) -> list[int]:
-    try:
-        data = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return []
-    return [int(r["metrics"]["step"]) for r in data.get("checkpoint_results", [])]
-
-
-def _wait_for(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 @pytest.mark.slow
@@ -226,12 +209,12 @@ def test_an_elastic_run_shrinks_when_a_node_goes_and_grows_when_one_comes_back(
             text=True,
         )
         try:
-            removed_after = _wait_for(lambda: _committed_steps(out / "ray" / "elastic"), 240, "a checkpoint")
+            removed_after = wait_for(lambda: committed_steps(out / "ray" / "elastic"), 240, "a checkpoint")
             rank2 = json.loads((out / "workers" / "rank2.json").read_text())["node_id"]
             cluster.remove_node(next(n for n in nodes if n.node_id == rank2), allow_graceful=False)
             # back once the 2-worker group has trained and committed a checkpoint of its own
-            _wait_for(lambda: any(e.get("to") == 2 for e in _events(out)), 240, "the shrink")
-            _wait_for(lambda: max(_committed_steps(out / "ray" / "elastic"), default=0) > max(removed_after), 240, "")
+            wait_for(lambda: any(e.get("to") == 2 for e in _events(out)), 240, "the shrink")
+            wait_for(lambda: max(committed_steps(out / "ray" / "elastic"), default=0) > max(removed_after), 240, "")
             cluster.add_node(num_cpus=1)
             stdout, _ = proc.communicate(timeout=400)
         finally:

@@ -19,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from sslrun.core.errors import ConfigError
 
 # by package path: Ray workers import this module (its `_record_batches`) without tests/ on sys.path
 from sslrun.tests.net import free_port, require_loopback_namespace
+from sslrun.tests.ray_head import committed_steps, stop_process_tree, wait_for
 
 CONFIGS = Path(__file__).resolve().parents[1] / "cluster" / "configs"
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "cluster.md"
@@ -81,27 +81,6 @@ def _losses(output: Path) -> dict[int, float]:
         if "train/loss" in metrics:
             out[int(rec["step"])] = float(metrics["train/loss"])
     return out
-
-
-def _committed_steps(run_dir: Path) -> list[int]:
-    """Steps of the checkpoints Ray has committed (its snapshot), not directories that merely exist (a checkpoint
-    directory appears before Ray commits its report)."""
-    snap = run_dir / "checkpoint_manager_snapshot.json"
-    try:
-        data = json.loads(snap.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return []
-    return [int(r["metrics"]["step"]) for r in data.get("checkpoint_results", [])]
-
-
-def _wait_for(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 # ---- planning: pure, no Ray ----------------------------------------------------------------------------------
@@ -297,25 +276,6 @@ def test_every_launch_command_in_the_cluster_docs_parses() -> None:
 # ---- Ray: shared helpers -------------------------------------------------------------------------------------
 
 
-def _stop_process_tree(proc: subprocess.Popen) -> None:
-    """Stop a process we started and everything it started, by pid (never `ray stop`: it kills every Ray process
-    on the machine, other people's included)."""
-    import psutil
-
-    try:
-        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for p in family:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.terminate()
-    _, alive = psutil.wait_procs(family, timeout=5)
-    for p in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    psutil.wait_procs(alive, timeout=5)
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _token_auth() -> Iterator[None]:
     """Ray 2.60 clusters use token authentication (the token in ~/.ray/auth_token); a driver that connects to an
@@ -361,10 +321,10 @@ def ray_head() -> Iterator[tuple[str, int]]:
             with socket.socket() as s:
                 return s.connect_ex(("127.0.0.1", port)) == 0
 
-        _wait_for(up, 60, f"ray start --head on port {port}")
+        wait_for(up, 60, f"ray start --head on port {port}")
         yield f"127.0.0.1:{port}", metrics_port
     finally:
-        _stop_process_tree(proc)
+        stop_process_tree(proc)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -480,7 +440,7 @@ def test_two_ray_workers_match_one_process_on_the_same_global_batch(
         return counted == {"0": 80.0, "1": 80.0}
 
     with contextlib.suppress(AssertionError):
-        _wait_for(exported, 30, "the exported metrics")  # Ray's agent exports every few seconds
+        wait_for(exported, 30, "the exported metrics")  # Ray's agent exports every few seconds
     assert counted == {"0": 80.0, "1": 80.0}
     assert set(_sslrun_metric(metrics_port, "ray_sslrun_images_per_second")) == {"0", "1"}
 
@@ -513,7 +473,7 @@ def test_a_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(
 
     def killer() -> None:
         try:
-            killed["at"] = _wait_for(lambda: _committed_steps(out / "ray" / "run"), 240, "a committed checkpoint")
+            killed["at"] = wait_for(lambda: committed_steps(out / "ray" / "run"), 240, "a committed checkpoint")
             record = json.loads((out / "workers" / "rank1.json").read_text())
             os.kill(record["pid"], signal.SIGKILL)
             killed["pid"] = record["pid"]
@@ -594,16 +554,16 @@ def test_sigterm_checkpoints_and_stops_then_resume_finishes_on_the_embedded_defa
         [SSLRUN, "launch", *_quick_args(out, max_steps)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     try:
-        _wait_for(lambda: first_step() or proc.poll() is not None, 240, "the first training step")
+        wait_for(lambda: first_step() or proc.poll() is not None, 240, "the first training step")
         proc.send_signal(signal.SIGTERM)
         text, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
-            _stop_process_tree(proc)
+            stop_process_tree(proc)
     assert proc.returncode == 0, text
     assert "ray: embedded local Ray; dashboard http://127.0.0.1:8265" in text
     assert "SIGTERM: asking the workers to write a checkpoint and stop" in text and "stopped:" in text, text
-    stopped_at = max(_committed_steps(out / "ray" / "demo"))
+    stopped_at = max(committed_steps(out / "ray" / "demo"))
     assert 5 <= stopped_at < max_steps and f"stopped: {stopped_at} steps" in text
 
     again = CliRunner().invoke(app, ["launch", *_quick_args(out, max_steps)])  # no --resume: refused before Ray
