@@ -138,16 +138,9 @@ def light_view(image_size: int, opts: FinetuneOptions) -> ViewSpec:
     ``resized_crop``, a random resized crop + flip; for ``pad_crop``, the whole image unchanged
     (:func:`sslrun.core.eval.labelled.pad_crop_flip` then runs on the training batch)."""
     if opts.augment == "pad_crop":
-        return ViewSpec(
-            size=image_size,
-            scale=(1.0, 1.0),
-            ratio=(1.0, 1.0),
-            flip_p=0.0,
-            jitter_p=0.0,
-            grayscale_p=0.0,
-            blur_p=0.0,
-            solarize_p=0.0,
-        )
+        from sslrun.core.eval.labelled import whole_view
+
+        return whole_view(image_size)
     return ViewSpec(
         size=image_size,
         scale=opts.crop_scale,

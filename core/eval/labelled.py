@@ -23,10 +23,24 @@ from sslrun.core.errors import ConfigError, DataError
 from sslrun.core.interfaces import ViewSpec
 from sslrun.core.rng import batch_seed, seed_from
 
-__all__ = ["MAX_BYTES", "SubsetImages", "black_fill", "pad_crop_flip"]
+__all__ = ["MAX_BYTES", "SubsetImages", "black_fill", "pad_crop_flip", "whole_view"]
 
 #: Largest subset :class:`SubsetImages` holds (float32 images): 4 GiB, e.g. 1% of ImageNet at 224 px is ~7.7 GB.
 MAX_BYTES = 4 << 30
+
+
+def whole_view(size: int) -> ViewSpec:
+    """The whole image at ``size`` px, unaugmented (the loader's view for data augmented later, or not at all)."""
+    return ViewSpec(
+        size=size,
+        scale=(1.0, 1.0),
+        ratio=(1.0, 1.0),
+        flip_p=0.0,
+        jitter_p=0.0,
+        grayscale_p=0.0,
+        blur_p=0.0,
+        solarize_p=0.0,
+    )
 
 
 def black_fill(mean: Sequence[float], std: Sequence[float], device: torch.device | str = "cpu") -> torch.Tensor:
@@ -99,16 +113,7 @@ class SubsetImages:
                 f"tuning holds the labelled subset in memory: {n} images of {image_size} px need {need / 2**30:.1f} "
                 f"GiB, over {MAX_BYTES / 2**30:.0f} GiB; lower --label-fraction or fine-tune without --tune"
             )
-        whole = ViewSpec(
-            size=image_size,
-            scale=(1.0, 1.0),
-            ratio=(1.0, 1.0),
-            flip_p=0.0,
-            jitter_p=0.0,
-            grayscale_p=0.0,
-            blur_p=0.0,
-            solarize_p=0.0,
-        )
+        whole = whole_view(image_size)
         batch = min(256, n)
         loader = ViewLoader(
             path, [whole], batch, device=device, num_workers=num_workers, indices=indices, drop_last=False
