@@ -98,7 +98,10 @@ HARD_CAP = 1.15
 
 # ---- configuration ----------------------------------------------------------------------------------------------
 def parse_evals(text: str) -> list[tuple[str, float]]:
-    """``"knn,linear@0.1"`` -> ``[("knn", 1.0), ("linear", 0.1)]``.
+    """``"knn,linear@0.1,linear-grid2"`` -> ``[("knn", 1.0), ("linear", 0.1), ("linear-grid2", 1.0)]``.
+
+    ``knn-gridK`` / ``linear-gridK`` read the encoder's last feature map pooled to K x K instead of its pooled
+    output (``sslrun eval --features gridK``).
 
     Raises:
         ValueError: an unknown kind or a fraction outside (0, 1].
@@ -108,13 +111,33 @@ def parse_evals(text: str) -> list[tuple[str, float]]:
         if not item:
             continue
         kind, _, frac = item.partition("@")
-        if kind not in ("knn", "linear", "finetune"):
-            raise ValueError(f"unknown evaluation {kind!r} in --evals; use knn, linear, finetune (optionally @0.01)")
+        base, _, features = kind.partition("-")
+        if base not in ("knn", "linear", "finetune") or (features and (base == "finetune" or not _grid(features))):
+            raise ValueError(
+                f"unknown evaluation {kind!r} in --evals; use knn, linear, finetune (optionally @0.01), "
+                "knn-gridK or linear-gridK"
+            )
         f = float(frac) if frac else 1.0
         if not 0 < f <= 1:
             raise ValueError(f"label fraction {f} in --evals must be in (0, 1]")
         out.append((kind, f))
     return out
+
+
+def _grid(features: str) -> bool:
+    from sslrun.core.errors import ConfigError
+    from sslrun.core.eval.probe_input import grid_size
+
+    try:
+        return grid_size(features) is not None
+    except ConfigError:
+        return False
+
+
+def split_kind(kind: str) -> tuple[str, str]:
+    """``"linear-grid2"`` -> ``("linear", "grid2")``; ``"knn"`` -> ``("knn", "pooled")``."""
+    base, _, features = kind.partition("-")
+    return base, features or "pooled"
 
 
 def eval_key(kind: str, fraction: float) -> str:
@@ -296,7 +319,7 @@ def reusable_evals(prev: dict[str, Any], settings: dict[str, Any]) -> dict[str, 
     return {
         key: entry
         for key, entry in evals.items()
-        if _same(prev.get("settings", {}), settings, EVAL_SETTINGS[key.partition("@")[0]])
+        if _same(prev.get("settings", {}), settings, EVAL_SETTINGS[split_kind(key.partition("@")[0])[0]])
     }
 
 
@@ -322,19 +345,21 @@ def run_evals(
     done: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Every requested evaluation of ``checkpoint`` (or, ``from_scratch``, of its architecture from random
-    weights: fine-tuning only), except those already in ``done``. Fine-tuning is tuned on held-out labels
-    (:mod:`sslrun.core.eval.tune`) unless ``--no-tune``. Returns ``{key: {"top1", "top5", "seconds",
-    "num_labelled", ...}}``."""
+    weights: fine-tuning, and with ``--random-probe`` kNN and the probe too), except those already in ``done``.
+    Fine-tuning is tuned on held-out labels (:mod:`sslrun.core.eval.tune`) unless ``--no-tune``. Returns
+    ``{key: {"top1", "top5", "seconds", "num_labelled", ...}}``."""
     from sslrun.core.eval.evaluate import EvalOptions, evaluate
     from sslrun.core.eval.tuned_eval import evaluate_tuned
 
     results = {}
-    for kind, frac in evals:
-        if from_scratch and kind != "finetune":
+    for full_kind, frac in evals:
+        kind, features = split_kind(full_kind)
+        if from_scratch and kind != "finetune" and not args.random_probe:
             continue
-        if done and eval_key(kind, frac) in done:
-            print(f"  {label}: reusing eval {eval_key(kind, frac)}", file=sys.stderr, flush=True)
-            results[eval_key(kind, frac)] = done[eval_key(kind, frac)]
+        key = eval_key(full_kind, frac)
+        if done and key in done:
+            print(f"  {label}: reusing eval {key}", file=sys.stderr, flush=True)
+            results[key] = done[key]
             continue
         tune = kind == "finetune" and args.tune
         opts = EvalOptions(
@@ -345,12 +370,16 @@ def run_evals(
             max_samples=args.eval_max_samples,
             num_workers=args.workers,
             epochs=args.linear_iters if kind == "linear" else args.finetune_epochs if kind == "finetune" else None,
+            features=features,
         )
         torch.set_num_threads(args.threads)
-        print(f"  {label}: eval {eval_key(kind, frac)}{' (tuned)' if tune else ''} ...", file=sys.stderr, flush=True)
-        run = evaluate_tuned if tune else evaluate
-        extra = {"grid": tune_grid(args)} if tune else {}
-        r, path = run(kind, checkpoint, options=opts, output=out, from_scratch=from_scratch, **extra)  # type: ignore[operator]
+        print(f"  {label}: eval {key}{' (tuned)' if tune else ''} ...", file=sys.stderr, flush=True)
+        if from_scratch and kind != "finetune":
+            r, path = random_probe(kind, checkpoint, opts, out)
+        else:
+            run = evaluate_tuned if tune else evaluate
+            extra = {"grid": tune_grid(args)} if tune else {}
+            r, path = run(kind, checkpoint, options=opts, output=out, from_scratch=from_scratch, **extra)  # type: ignore[operator]
         entry = {
             "top1": r.top1,
             "top5": r.top5,
@@ -365,8 +394,24 @@ def run_evals(
             chosen = r.details["tuning"]["chosen"]
             entry["tuned"] = {k: chosen[k] for k in ("lr", "weight_decay", "epochs", "heldout_top1")}
             entry["tuned"]["trials"] = len(r.details["tuning"]["trials"])
-        results[eval_key(kind, frac)] = entry
+        results[key] = entry
     return results
+
+
+def random_probe(kind: str, checkpoint: str, opts: Any, out: Path) -> tuple[Any, Path]:
+    """kNN or the linear probe on a randomly initialised encoder of ``checkpoint``'s architecture, on its data:
+    the floor a probe of pretrained features has to clear (random convolutional features are far from useless,
+    and the more of them a probe reads, the better they do)."""
+    from sslrun.core.eval.evaluate import PROTOCOLS, scratch_encoder, write_result
+    from sslrun.core.eval.features import load_pretrained, prepare_eval_data
+    from sslrun.core.eval.probe_input import check_features
+
+    pre = load_pretrained(checkpoint)
+    random = scratch_encoder(pre.cfg, pre.image_size, opts.seed)
+    check_features(random.encoder, opts.features, pre.cfg.encoder.name)
+    result = PROTOCOLS[kind](random, prepare_eval_data(pre.cfg.data), opts)
+    result.details["architecture_from"] = str(checkpoint)  # its architecture and data, none of its weights
+    return result, write_result(result, out / "random")
 
 
 # ---- plots ------------------------------------------------------------------------------------------------------
@@ -457,7 +502,13 @@ def _pct(entry: dict[str, Any] | None) -> str:
 def targets(report: dict[str, Any]) -> dict[str, Any]:
     """The issue's two targets, checked on the measured figures (None where a figure is missing)."""
     methods = report["methods"]
-    linear = {m: r["evals"]["linear"]["top1"] for m, r in methods.items() if "linear" in r["evals"]}
+    # every full-label probe counts, whatever features it read (pooled or a gridK map)
+    linear = {
+        m if k == "linear" else f"{m}/{k}": e["top1"]
+        for m, r in methods.items()
+        for k, e in r["evals"].items()
+        if split_kind(k)[0] == "linear" and "@" not in k
+    }
     best_lin = max(linear.items(), key=lambda kv: kv[1]) if linear else None
     return {
         "best_linear": {"method": best_lin[0], "top1": best_lin[1], "met": best_lin[1] >= TARGET_LINEAR}
@@ -471,8 +522,12 @@ def targets(report: dict[str, Any]) -> dict[str, Any]:
 def label_gap(report: dict[str, Any], fraction: str, target: float | None) -> dict[str, Any]:
     """The best SSL result at ``fraction`` of the labels (linear probe or fine-tuning, any method) against
     fine-tuning from random weights; ``met`` is judged against ``target`` (None: no target, no verdict)."""
-    keys = (f"linear@{fraction}", f"finetune@{fraction}")
-    ssl = {f"{m}/{k}": r["evals"][k]["top1"] for m, r in report["methods"].items() for k in keys if k in r["evals"]}
+    ssl = {
+        f"{m}/{k}": e["top1"]
+        for m, r in report["methods"].items()
+        for k, e in r["evals"].items()
+        if k.partition("@")[2] == fraction and split_kind(k.partition("@")[0])[0] in ("linear", "finetune")
+    }
     best = max(ssl.items(), key=lambda kv: kv[1]) if ssl else None
     scratch = report.get("scratch", {}).get(f"finetune@{fraction}")
     gain = None if best is None or scratch is None else best[1] - scratch["top1"]
@@ -555,6 +610,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_false",
         help="fine-tune with the fixed recipe instead of choosing lr, weight decay and epochs on held-out labels",
     )
+    p.add_argument(
+        "--random-probe",
+        action="store_true",
+        help="also run kNN and the probes on a randomly initialised encoder (the floor pretraining must clear)",
+    )
     p.add_argument("--max-samples", type=int, default=None, help="pretrain on the first N images only (quick)")
     p.add_argument("--eval-max-samples", type=int, default=None, help="evaluate on the first N of each split")
     p.add_argument("--data-dir", default=None, help="cache of prepared .beton files (default: sslrun's)")
@@ -623,6 +683,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     settings |= {"set": args.set or [], "optim": OPTIM, "linear_iters": args.linear_iters}
     settings |= {"finetune_epochs": args.finetune_epochs, "steps_per_s": args.steps_per_s, "tune": args.tune}
+    settings["random_probe"] = args.random_probe
     # the effective grid and batch cap, so the report says what was tried
     settings["tune_grid"] = {**dataclasses.asdict(tune_grid(args)), "batch_cap": TUNE_BATCH_CAP} if args.tune else None
     report: dict[str, Any] = {"settings": settings, "machine": machine_info(), "methods": {}}
@@ -647,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
             result = {"train": train_info, "evals": evals}
             done_file.write_text(json.dumps({"settings": settings, "result": result}, indent=2) + "\n")
             report["methods"][method] = result
-        if any(kind == "finetune" for kind, _ in args.eval_list):
+        if args.random_probe or any(kind == "finetune" for kind, _ in args.eval_list):
             done_file = out / "scratch" / "result.json"
             prev = json.loads(done_file.read_text()) if done_file.exists() and not args.force else {}
             if prev.get("settings") == settings:

@@ -15,6 +15,14 @@ from sslrun.cli.options import EvalFlags, ResultJsonOpt, expand_flags
 if TYPE_CHECKING:
     from sslrun.core.eval.evaluate import EvalResult
 
+FeaturesOpt = Annotated[
+    str,
+    typer.Option(
+        help="Features read: 'pooled' (the encoder's output) or 'gridK', its last feature map average-pooled to "
+        "K x K and flattened (e.g. grid2; CNNs and ViTs).",
+    ),
+]
+
 app = typer.Typer(help="Downstream evaluation of a pretrained encoder: knn, linear, finetune.")
 
 
@@ -28,6 +36,7 @@ def _evaluate(
     from_scratch: bool = False,
     encoder: str | None = None,
     tune: bool = False,
+    features: str = "pooled",
 ) -> None:
     """Run one evaluation, then print a rich table of it (or only its JSON)."""
     from sslrun.core.eval.checkpoint_uri import local_checkpoint
@@ -43,6 +52,7 @@ def _evaluate(
         weight_decay=weight_decay,
         max_samples=flags.max_samples,
         num_workers=flags.num_workers or 1,
+        features=features,
     )
     from sslrun.core.eval.tuned_eval import evaluate_tuned
 
@@ -81,6 +91,8 @@ def result_rows(result: EvalResult, json_path: Path | None = None) -> list[tuple
         ("top-1", _pct(result.top1)),
         ("top-5", _pct(result.top5)),
     ]
+    if result.kind in ("knn", "linear"):
+        rows += [("features", f"{result.features} ({d['feature_dim']}-d)")]
     if result.kind == "knn":
         for st in d["settings"]:
             rows.append((f"kNN k={st['k']} T={st['t']:g}", f"{_pct(st['top1'])} (top-5 {_pct(st['top5'])})"))
@@ -110,9 +122,9 @@ def result_rows(result: EvalResult, json_path: Path | None = None) -> list[tuple
 @app.command("knn")
 @friendly
 @expand_flags
-def eval_knn(flags: EvalFlags) -> None:
+def eval_knn(flags: EvalFlags, features: FeaturesOpt = "pooled") -> None:
     """Weighted cosine kNN on frozen features (k=20 T=0.07 and k=200 T=0.1); see docs/evaluation.md."""
-    _evaluate("knn", flags)
+    _evaluate("knn", flags, features=features)
 
 
 @app.command("linear")
@@ -123,9 +135,10 @@ def eval_linear(
     epochs: Annotated[
         int | None, typer.Option(min=1, help="L-BFGS iterations, each one full pass over the features (300).")
     ] = None,
+    features: FeaturesOpt = "pooled",
 ) -> None:
     """Linear probe on frozen, cached features (L-BFGS logistic regression, weight decay tuned on held-out labels)."""
-    _evaluate("linear", flags, epochs=epochs)
+    _evaluate("linear", flags, epochs=epochs, features=features)
 
 
 @app.command("finetune")

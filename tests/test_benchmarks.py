@@ -202,6 +202,14 @@ def test_parse_evals() -> None:
         accuracy.parse_evals("svm")
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
         accuracy.parse_evals("linear@2")
+    assert accuracy.parse_evals("linear-grid2@0.01,knn-grid4") == [("linear-grid2", 0.01), ("knn-grid4", 1.0)]
+    assert accuracy.split_kind("linear-grid2") == ("linear", "grid2") and accuracy.split_kind("knn") == (
+        "knn",
+        "pooled",
+    )
+    for bad in ("finetune-grid2", "linear-conv5", "linear-grid0"):
+        with pytest.raises(ValueError, match="unknown evaluation"):
+            accuracy.parse_evals(bad)
 
 
 def test_accuracy_targets_are_judged_only_on_measured_figures() -> None:
@@ -221,6 +229,12 @@ def test_accuracy_targets_are_judged_only_on_measured_figures() -> None:
     assert t["one_percent"]["gain"] == pytest.approx(0.12) and t["one_percent"]["met"] is True
     del report["scratch"]
     assert accuracy.targets(report)["one_percent"]["met"] is None  # no baseline measured: no verdict
+    # a probe of the pooled-to-grid feature map counts as a linear probe too, at every label fraction
+    report["methods"]["byol"]["evals"] |= {"linear-grid2": entry(0.912), "linear-grid2@0.01": entry(0.80)}
+    report["scratch"] = {"finetune@0.01": entry(0.62)}
+    t = accuracy.targets(report)
+    assert t["best_linear"] == {"method": "byol/linear-grid2", "top1": 0.912, "met": True}
+    assert t["one_percent"]["best"] == "byol/linear-grid2@0.01"
 
 
 def test_gpu_peak_table() -> None:

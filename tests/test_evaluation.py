@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from sslrun.cli import app
@@ -199,6 +200,10 @@ def test_eval_option_errors() -> None:
         evaluate("linear", None, dataset="synthetic")
     with pytest.raises(ConfigError, match="--from-scratch only applies"):
         evaluate("knn", None, dataset="synthetic", from_scratch=True)
+    with pytest.raises(ConfigError, match="--features must be"):
+        EvalOptions(features="prepool")
+    with pytest.raises(ConfigError, match="--features grid2 applies to knn and linear"):
+        evaluate("finetune", None, dataset="synthetic", from_scratch=True, options=EvalOptions(features="grid2"))
 
 
 # ---- the whole path: trainer checkpoint -> evaluation ------------------------------------------------------------
@@ -295,6 +300,21 @@ def test_knn_and_linear_from_a_trainer_checkpoint(trained: dict[str, Path]) -> N
         expected = pre.encoder.eval()((images - mean) / std)
     torch.testing.assert_close(feats[0:192:7], expected, atol=1e-4, rtol=1e-4)
 
+    # the probe on the last feature map pooled to 2 x 2: its own cache entry and result file, beside the pooled one
+    grid_opts = EvalOptions(label_fraction=0.25, seed=0, device="cpu", epochs=100, features="grid2")
+    grid, grid_json = evaluate("linear", ckpt, options=grid_opts)
+    assert grid_json == ckpt.parent / "eval_linear-grid2_imagefolder_0.25_seed0.json" and linear_json.is_file()
+    assert grid.features == "grid2" and linear.features == "pooled"
+    assert grid.details["feature_dim"] == 4 * linear.details["feature_dim"] and not grid.details["feature_cache_hit"]
+    assert grid.top1 >= 0.9
+    grid_feats, _, hit = cached_features(
+        pre, train_path, dataset="imagefolder", split="train", device=torch.device("cpu"), features="grid2"
+    )
+    assert hit
+    with torch.no_grad():
+        fmap = pre.encoder.eval().feature_map((images - mean) / std)
+    torch.testing.assert_close(grid_feats[0:192:7], F.adaptive_avg_pool2d(fmap, 2).flatten(1), atol=1e-4, rtol=1e-4)
+
 
 @pytest.mark.slow
 def test_finetune_and_from_scratch_baseline(trained: dict[str, Path]) -> None:
@@ -326,7 +346,11 @@ def test_cli_eval_prints_table_and_json(trained: dict[str, Path]) -> None:
     data = json.loads(result.stdout)
     assert data["kind"] == "knn" and data["top1"] >= 0.9 and data["label_fraction"] == 0.25
     assert {"top1", "top5", "seconds", "checkpoint", "config", "label_fraction"} <= set(data)
-    table = runner.invoke(app, args)
+    table = runner.invoke(app, [*args, "--features", "grid2"])
     assert table.exit_code == 0 and "top-1" in table.stdout and "k=20 T=0.07" in table.stdout
+    assert "grid2 (256-d)" in table.stdout  # width 8 -> 64 channels x 2 x 2
+    wrong = runner.invoke(app, [*args, "--features", "conv5"])
+    assert wrong.exit_code != 0 and "--features must be 'pooled' or 'gridK'" in wrong.output
+    assert "Traceback" not in wrong.output
     bad = runner.invoke(app, ["eval", "linear", "--checkpoint", str(trained["checkpoint"]), "--label-fraction", "2"])
     assert bad.exit_code == 2

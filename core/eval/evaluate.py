@@ -39,6 +39,7 @@ from sslrun.core.eval.features import (
     load_pretrained,
     prepare_eval_data,
 )
+from sslrun.core.eval.probe_input import POOLED, check_features, grid_size
 from sslrun.core.eval.subsets import balanced_subset
 from sslrun.core.files import atomic_write_text
 from sslrun.core.system import parse_device
@@ -80,6 +81,8 @@ class EvalOptions:
         weight_decay: fine-tuning weight decay (default 5e-4).
         max_samples: use only the first N samples of each split (quick runs, tests).
         num_workers: FFCV loader threads.
+        features: what kNN and the linear probe read: ``pooled`` (the encoder's output) or ``gridK`` (its last
+            feature map average-pooled to K x K; :mod:`sslrun.core.eval.probe_input`).
     """
 
     label_fraction: float = 1.0
@@ -91,8 +94,10 @@ class EvalOptions:
     weight_decay: float | None = None
     max_samples: int | None = None
     num_workers: int = 1
+    features: str = POOLED
 
     def __post_init__(self) -> None:
+        grid_size(self.features)  # one line for an unknown name, before anything is loaded
         if not 0.0 < self.label_fraction <= 1.0:
             raise ConfigError(f"--label-fraction must be in (0, 1], got {self.label_fraction} (e.g. 0.01 for 1%)")
         if self.batch_size < 1:
@@ -124,6 +129,7 @@ class EvalResult:
         encoder: the encoder plugin name.
         config: the pretraining experiment config (from the checkpoint).
         details: protocol-specific numbers (kNN settings, chosen weight decay, fine-tuning recipe and losses).
+        features: the features kNN or the probe read (``pooled`` or ``gridK``; fine-tuning: always ``pooled``).
     """
 
     kind: str
@@ -143,14 +149,17 @@ class EvalResult:
     encoder: str
     config: dict[str, Any] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+    features: str = POOLED
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able data."""
         return asdict(self)
 
     def filename(self) -> str:
-        """``eval_<kind>_<dataset>_<fraction>_seed<seed>.json`` (fraction as ``%g``: 0.01, 0.1, 1)."""
-        return f"eval_{self.kind}_{self.dataset}_{self.label_fraction:g}_seed{self.seed}.json"
+        """``eval_<kind>_<dataset>_<fraction>_seed<seed>.json`` (fraction as ``%g``: 0.01, 0.1, 1); ``<kind>``
+        becomes ``<kind>-<features>`` for features other than ``pooled``, so the two never overwrite each other."""
+        kind = self.kind if self.features == POOLED else f"{self.kind}-{self.features}"
+        return f"eval_{kind}_{self.dataset}_{self.label_fraction:g}_seed{self.seed}.json"
 
 
 def write_result(result: EvalResult, out_dir: Path) -> Path:
@@ -201,6 +210,7 @@ def make_result(
         encoder=pre.cfg.encoder.name,
         config=pre.cfg.to_dict(),
         details=details,
+        features=opts.features if kind in ("knn", "linear") else POOLED,
     )
 
 
@@ -212,6 +222,7 @@ def _features(pre: Pretrained, data: EvalData, opts: EvalOptions, device: torch.
         "batch_size": opts.batch_size,
         "max_samples": opts.max_samples,
         "num_workers": opts.num_workers,
+        "features": opts.features,
     }
     f_train, y_train, hit_train = cached_features(pre, data.train, split=data.train_split, **common)
     f_test, y_test, hit_test = cached_features(pre, data.test, split=data.test_split, **common)
@@ -438,6 +449,8 @@ def evaluate(
         raise ConfigError(f"unknown evaluation {kind!r}; choose {', '.join(PROTOCOLS)}")
     if from_scratch and kind != "finetune":
         raise ConfigError("--from-scratch only applies to `sslrun eval finetune` (kNN/linear need trained weights)")
+    if opts.features != POOLED and kind not in ("knn", "linear"):
+        raise ConfigError(f"--features {opts.features} applies to knn and linear; fine-tuning trains the whole encoder")
     if checkpoint is None and not from_scratch:
         raise ConfigError(f"`sslrun eval {kind}` needs --checkpoint PATH (a run's checkpoints/last.pt)")
     if encoder is not None and checkpoint is not None:
@@ -457,6 +470,7 @@ def evaluate(
         image_size = int(build_dataset(cfg).info().image_size)
         pre = scratch_encoder(cfg, image_size, opts.seed)
         out_dir = Path(output) if output else Path("runs") / "eval"
+    check_features(pre.encoder, opts.features, pre.cfg.encoder.name)
     data = prepare_eval_data(data_cfg)
     result = (protocol or PROTOCOLS[kind])(pre, data, opts)
     result.seconds = round(time.perf_counter() - started, 3)

@@ -21,6 +21,7 @@ from torch import nn
 
 from sslrun.core.config import DataCfg, ExperimentConfig
 from sslrun.core.errors import CheckpointError, DataError
+from sslrun.core.eval.probe_input import POOLED, encode
 from sslrun.core.files import atomic_path, sha256_file
 
 __all__ = [
@@ -200,13 +201,14 @@ def extract_features(
     image_size: int | None = None,
     max_samples: int | None = None,
     num_workers: int = 1,
+    features: str = POOLED,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen features of a whole prepared split, in file order, without augmentation.
 
     The encoder runs in eval mode (BatchNorm running statistics, no dropout); on CUDA under bf16 autocast with
     channels_last inputs. Images whose side differs from ``image_size`` (transfer to a dataset of another
     resolution) are resized to it, bilinear with antialiasing, since the encoder's stem or position embeddings
-    were built for that size.
+    were built for that size. ``features`` says which features (:mod:`sslrun.core.eval.probe_input`).
 
     Returns:
         ``(features (N, D) float32 on the CPU, labels (N,) int64 on the CPU)``.
@@ -225,7 +227,7 @@ def extract_features(
                 images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", antialias=True)
             images = images.contiguous(memory_format=torch.channels_last)  # faster convolutions, CPU too
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                f = encoder(images)
+                f = encode(encoder, images, features)
             feats.append(f.float().cpu())
             # FFCV hands out views into a ring buffer that later batches overwrite: keep a copy.
             labels.append(y.detach().to("cpu", torch.long, copy=True))
@@ -237,7 +239,7 @@ def extract_features(
     return torch.cat(feats), torch.cat(labels)
 
 
-def _cache_key(pre: Pretrained, path: Path, max_samples: int | None, image_size: int | None) -> str:
+def _cache_key(pre: Pretrained, path: Path, max_samples: int | None, image_size: int | None, features: str) -> str:
     from sslrun.core.data.format import verify_beton
 
     manifest = verify_beton(path)
@@ -248,6 +250,8 @@ def _cache_key(pre: Pretrained, path: Path, max_samples: int | None, image_size:
         "max_samples": max_samples,
         "image_size": image_size,
     }
+    if features != POOLED:  # pooled features keep the key they always had, so existing caches stay valid
+        payload["features"] = features
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -262,6 +266,7 @@ def cached_features(
     max_samples: int | None = None,
     num_workers: int = 1,
     cache_dir: Path | None = None,
+    features: str = POOLED,
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """:func:`extract_features` through a cache file next to the checkpoint.
 
@@ -275,6 +280,7 @@ def cached_features(
         num_workers: FFCV loader threads.
         cache_dir: where cache files go (default ``<checkpoint dir>/eval_cache``; no caching without a
             checkpoint).
+        features: ``pooled`` or ``gridK`` (:mod:`sslrun.core.eval.probe_input`).
 
     Returns:
         ``(features, labels, hit)`` with ``hit`` True when the features came from the cache.
@@ -289,13 +295,14 @@ def cached_features(
             image_size=pre.image_size,
             max_samples=max_samples,
             num_workers=num_workers,
+            features=features,
         )
 
     if pre.fingerprint is None:  # a randomly initialised encoder: nothing stable to key a cache on
         return (*extract(), False)
     assert pre.checkpoint is not None
     cache_dir = cache_dir or (pre.checkpoint.parent / "eval_cache")
-    key = _cache_key(pre, path, max_samples, pre.image_size)
+    key = _cache_key(pre, path, max_samples, pre.image_size, features)
     file = cache_dir / f"features_{dataset}_{split}_{key[:16]}.pt"
     if file.is_file():
         try:

@@ -61,11 +61,15 @@ class ResNetEncoder(nn.Module):
         self.small_stem = small_stem
         self.image_size = image_size
 
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (N, 3, H, W)`` -> ``layer4``'s map ``(N, output_dim, h, w)``, before global pooling; what
+        ``sslrun eval --features gridK`` reads."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x (N, 3, H, W)`` -> ``(N, output_dim)``."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.avgpool(x).flatten(1)
+        return self.avgpool(self.feature_map(x)).flatten(1)
 
 
 def resnet18(

@@ -57,9 +57,14 @@ class SmallCNN(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (N, 3, H, W)`` -> the last block's map ``(N, output_dim, h, w)``, before global pooling (4 x 4 at
+        28-32 px); what ``sslrun eval --features gridK`` reads."""
+        return self.features(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x (N, 3, H, W)`` -> features ``(N, output_dim)``."""
-        return self.pool(self.features(x)).flatten(1)
+        return self.pool(self.feature_map(x)).flatten(1)
 
 
 def small_cnn(width: int = 32, image_size: int | None = None) -> SmallCNN:

@@ -197,6 +197,13 @@ class VisionTransformer(nn.Module):
             x = block(x)
         return self.norm(x)
 
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (N, 3, H, W)`` -> the last layer's patch tokens on their grid, ``(N, output_dim, H/p, W/p)``; what
+        ``sslrun eval --features gridK`` reads."""
+        gh, gw = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        tokens = self.forward_tokens(self.patch_tokens(x))[:, 1:]
+        return tokens.transpose(1, 2).reshape(x.shape[0], -1, gh, gw)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x (N, 3, H, W)`` -> ``(N, output_dim)``."""
         tokens = self.forward_tokens(self.patch_tokens(x))
