@@ -3,7 +3,9 @@
 Used by ``tests/test_dashboard_metrics.py`` and ``benchmarks/dashboard_screenshot.py``: both start one
 ``ray start --head`` on 127.0.0.1 with its dashboard and a known metrics export port, run a real ``sslrun launch``
 on it, then read Ray's own HTTP endpoints the way a user (or a Prometheus) would. Run them only inside a
-loopback-only network namespace (``tests/net.py``): Ray does not stay on loopback by itself.
+loopback-only network namespace (``tests/net.py``): Ray does not stay on loopback by itself. Other tests share its
+pieces: polling (:func:`wait_for`), committed checkpoints, stopping a process tree, and token authentication for a
+driver that reaches an explicit address (:func:`token_auth`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from sslrun.tests.net import free_port
 
@@ -37,6 +40,7 @@ __all__ = [
     "quick_launch_args",
     "start_ray_head",
     "stop_process_tree",
+    "token_auth",
     "token_env",
     "train_runs",
     "wait_for",
@@ -104,6 +108,14 @@ def token_env() -> dict[str, str]:
     in ``~/.ray/auth_token`` created first (``ray start --head`` refuses token mode when no token exists yet)."""
     subprocess.run([RAY, "get-auth-token", "--generate"], check=True, capture_output=True, timeout=120)
     return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+@contextlib.contextmanager
+def token_auth() -> Iterator[None]:
+    """:func:`token_env` as this process's environment while the block runs (restored on exit): a Ray 2.60 driver
+    reaching an explicit address sends the token only with ``RAY_AUTH_MODE=token``."""
+    with mock.patch.dict(os.environ, token_env()):
+        yield
 
 
 def auth_token() -> str:

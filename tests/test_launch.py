@@ -38,7 +38,7 @@ from sslrun.core.errors import ConfigError
 
 # by package path: Ray workers import this module (its `_record_batches`) without tests/ on sys.path
 from sslrun.tests.net import free_port, require_loopback_namespace
-from sslrun.tests.ray_head import committed_steps, stop_process_tree, wait_for
+from sslrun.tests.ray_head import committed_steps, stop_process_tree, token_auth, wait_for
 
 CONFIGS = Path(__file__).resolve().parents[1] / "cluster" / "configs"
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "cluster.md"
@@ -281,9 +281,7 @@ def _token_auth() -> Iterator[None]:
     """Ray 2.60 clusters use token authentication (the token in ~/.ray/auth_token); a driver that connects to an
     explicit address sends it only with RAY_AUTH_MODE=token, as docs/cluster.md tells users to set. On a fresh
     machine no token exists yet and `ray start --head` refuses to start in token mode: create one first."""
-    subprocess.run([RAY, "get-auth-token", "--generate"], check=True, capture_output=True, timeout=120)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_AUTH_MODE", "token")
+    with token_auth():
         yield
 
 

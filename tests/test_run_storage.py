@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -25,22 +24,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from net import free_port, require_loopback_namespace
 from typer.testing import CliRunner
 
 from sslrun.cli import app
 from sslrun.cluster.mirror import MIRROR_STATE, RunMirror
 from sslrun.core.eval.export import EXPORT_FORMAT
+from sslrun.tests.net import free_port, require_loopback_namespace
+from sslrun.tests.s3_server import assert_one_line_error as _bad
+from sslrun.tests.s3_server import bucket_objects as _objects
+from sslrun.tests.s3_server import moto_s3, moto_s3_with_auth
+from sslrun.tests.s3_server import run_cli as _cli
+from sslrun.tests.s3_server import s3_client as _client
 
-BIN = Path(sys.executable).parent
-SSLRUN = str(BIN / "sslrun")
-FAKE_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-# No credential files, no instance metadata lookups: what the process is given is all it has.
-NO_LOOKUPS = {
-    "AWS_EC2_METADATA_DISABLED": "true",
-    "AWS_CONFIG_FILE": "/nonexistent",
-    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
-}
 DATA = ["--set", "data.dataset_kwargs.num_samples=64", "--set", "data.dataset_kwargs.size=16"]
 DATA += ["--set", "data.dataset_kwargs.test_samples=16"]
 NAME = "tiny"
@@ -51,23 +46,8 @@ RAY_OLD, RAY_NEW = "checkpoint_2026-01-01_10-00-00.000001", "checkpoint_2026-01-
 def s3() -> Iterator[str]:
     """A moto S3 server on 127.0.0.1 for this module, fake credentials in the environment; yields its host:port."""
     require_loopback_namespace("tests/test_run_storage.py")
-    from moto.server import ThreadedMotoServer
-
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in {**FAKE_KEYS, **NO_LOOKUPS}.items():
-            mp.setenv(k, v)
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
-        server.start()
-        try:
-            yield f"127.0.0.1:{server.get_host_and_port()[1]}"
-        finally:
-            server.stop()
-
-
-def _client(endpoint: str):
-    import boto3
-
-    return boto3.client("s3", endpoint_url=f"http://{endpoint}")
+    with moto_s3() as endpoint:
+        yield endpoint
 
 
 def _storage(endpoint: str, bucket: str) -> str:
@@ -76,19 +56,8 @@ def _storage(endpoint: str, bucket: str) -> str:
     return f"s3://{bucket}/runs?endpoint_override={endpoint}&scheme=http"
 
 
-def _objects(endpoint: str, bucket: str) -> dict[str, str]:
-    listing = _client(endpoint).list_objects_v2(Bucket=bucket)
-    return {o["Key"]: o["ETag"] for o in listing.get("Contents", []) if not o["Key"].endswith("/")}
-
-
 def _uri(endpoint: str, path: str) -> str:
     return f"s3://{path}?endpoint_override={endpoint}&scheme=http"
-
-
-def _cli(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [SSLRUN, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
-    )
 
 
 @pytest.fixture(scope="module")
@@ -272,33 +241,9 @@ def test_export_takes_a_checkpoint_file_a_ray_directory_or_the_mirrored_run(
 def s3_auth() -> Iterator[str]:
     """A second moto server that checks credentials (its first request, the bucket's creation, is let through):
     its host:port."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        env={**os.environ, **FAKE_KEYS, "INITIAL_NO_AUTH_ACTION_COUNT": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
-            assert time.monotonic() < deadline, "moto_server did not start"
-            time.sleep(0.2)
-        _client(f"127.0.0.1:{port}").create_bucket(Bucket="locked")
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-def _bad(args: list[str], env: dict[str, str], expect: str) -> None:
-    t0 = time.monotonic()
-    res = _cli(*args, env=env)
-    took = time.monotonic() - t0
-    assert res.returncode == 2, res.stdout + res.stderr
-    assert res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
-    assert expect in res.stderr, res.stderr
-    assert took < 30, took
+    with moto_s3_with_auth(setup_requests=1) as (endpoint, _):
+        _client(endpoint).create_bucket(Bucket="locked")
+        yield endpoint
 
 
 @pytest.mark.slow

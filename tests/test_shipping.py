@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from net import require_loopback_namespace
 
 from sslrun.cluster.shipping import CHUNK_BYTES, Receiver, chunk_bytes_from_env
 from sslrun.core.config import DataCfg
@@ -27,6 +26,8 @@ from sslrun.core.data.cache import locate, prepare_split
 from sslrun.core.data.format import verify_beton
 from sslrun.core.data.manifest import Manifest
 from sslrun.core.errors import ConfigError, DataError
+from sslrun.tests.net import require_loopback_namespace
+from sslrun.tests.ray_head import token_auth
 
 BIN = Path(sys.executable).parent
 SETTINGS = {"num_samples": 64, "size": 16, "test_samples": 16}
@@ -134,11 +135,8 @@ def test_the_chunk_size_can_be_set_and_a_bad_one_is_one_line(monkeypatch: pytest
 # ---- two nodes, no shared storage ------------------------------------------------------------------------------
 @pytest.fixture
 def _token_auth() -> Iterator[None]:
-    """Ray 2.60 clusters use token authentication: a driver reaching an explicit address sends the token only with
-    RAY_AUTH_MODE=token, and a fresh machine has no token yet."""
-    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], check=True, capture_output=True, timeout=120)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_AUTH_MODE", "token")
+    """Token authentication for the launch's driver (the token created, RAY_AUTH_MODE=token) for one test."""
+    with token_auth():
         yield
 
 

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,23 +20,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from net import free_port, require_loopback_namespace
 
 from sslrun.core.config import DataCfg
 from sslrun.core.data.cache import locate, prepare_split
 from sslrun.core.data.remote import open_store
 from sslrun.core.data.staging import ATTEMPTS, stage
 from sslrun.core.errors import DataError
+from sslrun.tests.net import free_port, require_loopback_namespace
+from sslrun.tests.ray_head import SSLRUN, token_auth
+from sslrun.tests.s3_server import assert_one_line_error as _bad
+from sslrun.tests.s3_server import bucket_objects as _objects
+from sslrun.tests.s3_server import moto_s3, moto_s3_with_auth
+from sslrun.tests.s3_server import run_cli as _cli
+from sslrun.tests.s3_server import s3_client as _client
 
-BIN = Path(sys.executable).parent
-SSLRUN = str(BIN / "sslrun")
-FAKE_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-# No credential files, no instance metadata lookups: what the process is given is all it has.
-NO_LOOKUPS = {
-    "AWS_EC2_METADATA_DISABLED": "true",
-    "AWS_CONFIG_FILE": "/nonexistent",
-    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
-}
 SMALL = ["--set", "num_samples=64", "--set", "size=16", "--set", "test_samples=16"]
 
 
@@ -45,39 +41,14 @@ SMALL = ["--set", "num_samples=64", "--set", "size=16", "--set", "test_samples=1
 def s3() -> Iterator[str]:
     """A moto S3 server on 127.0.0.1 for this module, fake credentials in the environment; yields its host:port."""
     require_loopback_namespace("tests/test_storage.py")
-    from moto.server import ThreadedMotoServer
-
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in {**FAKE_KEYS, **NO_LOOKUPS}.items():
-            mp.setenv(k, v)
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
-        server.start()
-        try:
-            yield f"127.0.0.1:{server.get_host_and_port()[1]}"
-        finally:
-            server.stop()
+    with moto_s3() as endpoint:
+        yield endpoint
 
 
 def _bucket(endpoint: str, name: str) -> str:
     """Create bucket ``name`` and return the URI of a prefix in it."""
-    import boto3
-
-    boto3.client("s3", endpoint_url=f"http://{endpoint}").create_bucket(Bucket=name)
+    _client(endpoint).create_bucket(Bucket=name)
     return f"s3://{name}/data?endpoint_override={endpoint}&scheme=http"
-
-
-def _objects(endpoint: str, bucket: str) -> dict[str, str]:
-    import boto3
-
-    listing = boto3.client("s3", endpoint_url=f"http://{endpoint}").list_objects_v2(Bucket=bucket)
-    # keys ending in "/" are the empty folder markers pyarrow leaves after deleting the write probe
-    return {o["Key"]: o["ETag"] for o in listing.get("Contents", []) if not o["Key"].endswith("/")}
-
-
-def _cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [SSLRUN, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
-    )
 
 
 def _data_cfg(uri: str, **kwargs: int) -> DataCfg:
@@ -114,12 +85,10 @@ def test_a_store_prepared_with_other_settings_is_refused_and_left_alone(s3: str,
 
 
 def test_a_manifest_whose_beton_is_missing_is_one_line(s3: str, tmp_path: Path) -> None:
-    import boto3
-
     uri = _bucket(s3, "half")
     env = {"SSLRUN_STAGE_DIR": str(tmp_path / "stage")}
     assert _cli("data", "prepare", "synthetic", "--split", "train", "--data-dir", uri, *SMALL, env=env).returncode == 0
-    boto3.client("s3", endpoint_url=f"http://{s3}").delete_object(Bucket="half", Key="data/synthetic/train.beton")
+    _client(s3).delete_object(Bucket="half", Key="data/synthetic/train.beton")
     res = _cli("data", "prepare", "synthetic", "--split", "train", "--data-dir", uri, *SMALL, env=env)
     assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
     assert "train.beton is missing but its manifest says" in res.stderr
@@ -158,9 +127,7 @@ def test_two_processes_stage_the_same_file_once(s3: str, tmp_path: Path, monkeyp
 
 
 def _replace_object(s3: str, bucket: str, key: str, data: bytes) -> None:
-    import boto3
-
-    boto3.client("s3", endpoint_url=f"http://{s3}").put_object(Bucket=bucket, Key=key, Body=data)
+    _client(s3).put_object(Bucket=bucket, Key=key, Body=data)
 
 
 @pytest.mark.parametrize(("damage", "message"), [("flip", "sha256"), ("truncate", "truncated")])
@@ -201,20 +168,8 @@ def s3_auth() -> Iterator[tuple[str, dict[str, str]]]:
     host:port and the keys of a user that may only read."""
     import boto3
 
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        env={**os.environ, **FAKE_KEYS, "INITIAL_NO_AUTH_ACTION_COUNT": "4"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
-            assert time.monotonic() < deadline, "moto_server did not start"
-            time.sleep(0.2)
-        url = f"http://127.0.0.1:{port}"
-        boto3.client("s3", endpoint_url=url).create_bucket(Bucket="locked")
+    with moto_s3_with_auth(setup_requests=4) as (endpoint, url):
+        _client(endpoint).create_bucket(Bucket="locked")
         iam = boto3.client("iam", endpoint_url=url)
         iam.create_user(UserName="reader")
         rules = [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]
@@ -222,23 +177,7 @@ def s3_auth() -> Iterator[tuple[str, dict[str, str]]]:
         read_only = {"Version": "2012-10-17", "Statement": rules}
         iam.put_user_policy(UserName="reader", PolicyName="read", PolicyDocument=json.dumps(read_only))
         key = iam.create_access_key(UserName="reader")["AccessKey"]
-        yield (
-            f"127.0.0.1:{port}",
-            {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]},
-        )
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-def _bad(args: list[str], env: dict[str, str], expect: str) -> None:
-    t0 = time.monotonic()
-    res = _cli(*args, env=env)
-    took = time.monotonic() - t0
-    assert res.returncode == 2, res.stdout + res.stderr
-    assert res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
-    assert expect in res.stderr, res.stderr
-    assert took < 30, took
+        yield endpoint, {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
 
 
 @pytest.mark.slow
@@ -289,11 +228,8 @@ def test_bad_storage_paths_stop_launch_before_any_worker(
 # ---- two nodes, data and checkpoints only in the bucket --------------------------------------------------------
 @pytest.fixture
 def _token_auth() -> Iterator[None]:
-    """Ray 2.60 clusters use token authentication: a driver reaching an explicit address sends the token only with
-    RAY_AUTH_MODE=token, and a fresh machine has no token yet."""
-    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], check=True, capture_output=True, timeout=120)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_AUTH_MODE", "token")
+    """Token authentication for the launch's driver (the token created, RAY_AUTH_MODE=token) for one test."""
+    with token_auth():
         yield
 
 
