@@ -51,10 +51,10 @@ demo: setup
 # The whole test suite (slow multi-process tests included), Ray on loopback only.
 test: setup
 	@if [ "$$(id -u)" = 0 ] && unshare -n true 2>/dev/null; then \
-	  $(NETNS) '$(NETNS_ENV) $(VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS)'; \
+	  $(NETNS) '$(NETNS_ENV) $(VENV)/bin/pytest -q -p no:cacheprovider --durations=15 $(PYTEST_ARGS)'; \
 	else \
 	  echo "note: not root or no unshare: running the tests without a loopback-only namespace" >&2; \
-	  GLOO_SOCKET_IFNAME=lo RAY_USAGE_STATS_ENABLED=0 $(VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS); \
+	  GLOO_SOCKET_IFNAME=lo RAY_USAGE_STATS_ENABLED=0 $(VENV)/bin/pytest -q -p no:cacheprovider --durations=15 $(PYTEST_ARGS); \
 	fi
 
 lint: setup
