@@ -552,7 +552,8 @@ def print_report(report: dict[str, Any]) -> None:
             [m, t["epochs"], t["steps"], f"{t['train_minutes']:.1f}", load, *[_pct(r["evals"].get(k)) for k in keys]]
         )
     if report.get("scratch"):
-        rows.append(["from scratch", "-", "-", "-", "-", *[_pct(report["scratch"].get(k)) for k in keys]])
+        # fine-tuning from random weights, and (--random-probe) kNN and the probes of the random weights themselves
+        rows.append(["random init", "-", "-", "-", "-", *[_pct(report["scratch"].get(k)) for k in keys]])
     s, mach = report["settings"], report["machine"]
     tg = report["targets"]
     notes = [
