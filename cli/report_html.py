@@ -145,6 +145,12 @@ def _plot(spec: tuple[str, str, str, Series], runs: Sequence[RunData]) -> str:
 
 
 # ---- evaluation, images ----------------------------------------------------------------------------------------
+def _protocol(ev: dict) -> str:
+    """``linear``, or ``linear (grid2)`` for a probe that read something other than the pooled features."""
+    features = ev.get("features", "pooled")
+    return str(ev.get("kind")) if features == "pooled" else f"{ev.get('kind')} ({features})"
+
+
 def _eval_section(runs: Sequence[RunData]) -> list[str]:
     rows = []
     for run in runs:
@@ -152,7 +158,7 @@ def _eval_section(runs: Sequence[RunData]) -> list[str]:
             top5 = ev.get("top5")
             cells = [
                 _e(run.name),
-                _e(str(ev.get("kind"))),
+                _e(_protocol(ev)),
                 _e(str(ev.get("dataset"))),
                 f"{float(ev.get('label_fraction', 1)):g}",
                 _e(str(ev.get("checkpoint_step"))),

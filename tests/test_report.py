@@ -44,6 +44,9 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     checkpoint = out / "checkpoints" / "last.pt"
     evaluated = CliRunner().invoke(app, ["eval", "knn", "--checkpoint", str(checkpoint), "--device", "cpu"])
     assert evaluated.exit_code == 0, evaluated.output
+    grid = ["eval", "knn", "--checkpoint", str(checkpoint), "--device", "cpu", "--features", "grid2"]
+    evaluated = CliRunner().invoke(app, grid)
+    assert evaluated.exit_code == 0, evaluated.output
     return out
 
 
@@ -72,6 +75,7 @@ def test_report_of_a_real_run_renders_in_chromium_with_every_plot(run_dir: Path,
     run = read_run(run_dir)
     assert run.evals and run.evals[0]["kind"] == "knn" and run.last("knn/top1") is not None
     assert f"{100 * run.evals[0]['top1']:.2f}%" in text
+    assert "<td>knn</td>" in text and "<td>knn (grid2)</td>" in text  # which features each kNN read
 
 
 @pytest.mark.slow
