@@ -111,8 +111,8 @@ def parse_evals(text: str) -> list[tuple[str, float]]:
         if not item:
             continue
         kind, _, frac = item.partition("@")
-        base, _, features = kind.partition("-")
-        if base not in ("knn", "linear", "finetune") or (features and (base == "finetune" or not _grid(features))):
+        base, features = split_kind(kind)
+        if base not in ("knn", "linear", "finetune") or ("-" in kind and (base == "finetune" or not _grid(features))):
             raise ValueError(
                 f"unknown evaluation {kind!r} in --evals; use knn, linear, finetune (optionally @0.01), "
                 "knn-gridK or linear-gridK"
