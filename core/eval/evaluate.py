@@ -61,6 +61,8 @@ __all__ = [
 
 #: (k, temperature) pairs of the kNN evaluation; the last one is the headline number.
 KNN_SETTINGS: tuple[tuple[int, float], ...] = ((20, 0.07), (200, 0.1))
+#: The protocols that read frozen features, and so take ``EvalOptions.features``.
+FEATURE_KINDS = ("knn", "linear")
 #: L-BFGS iterations of the linear probe when ``epochs`` is not given (each one is a full pass over the features).
 LINEAR_DEFAULT_ITERS = 300
 #: Fine-tuning epochs when ``epochs`` is not given.
@@ -210,7 +212,7 @@ def make_result(
         encoder=pre.cfg.encoder.name,
         config=pre.cfg.to_dict(),
         details=details,
-        features=opts.features if kind in ("knn", "linear") else POOLED,
+        features=opts.features if kind in FEATURE_KINDS else POOLED,
     )
 
 
@@ -449,7 +451,7 @@ def evaluate(
         raise ConfigError(f"unknown evaluation {kind!r}; choose {', '.join(PROTOCOLS)}")
     if from_scratch and kind != "finetune":
         raise ConfigError("--from-scratch only applies to `sslrun eval finetune` (kNN/linear need trained weights)")
-    if opts.features != POOLED and kind not in ("knn", "linear"):
+    if opts.features != POOLED and kind not in FEATURE_KINDS:
         raise ConfigError(f"--features {opts.features} applies to knn and linear; fine-tuning trains the whole encoder")
     if checkpoint is None and not from_scratch:
         raise ConfigError(f"`sslrun eval {kind}` needs --checkpoint PATH (a run's checkpoints/last.pt)")
