@@ -164,7 +164,7 @@ def _build_trainer(cfg: ExperimentConfig, plan: LaunchPlan, train_fn: str | None
             name=plan.name,
             storage_path=plan.storage_path,
             failure_config=FailureConfig(
-                max_failures=max_failures(cfg, plan), controller_failure_limit=CONTROLLER_FAILURE_LIMIT
+                max_failures=max_failures(cfg, plan), controller_failure_limit=controller_failure_limit(cfg, plan)
             ),
             checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_TO_KEEP),
             # Ray Train logs every report at INFO; the trainer prints its own progress, sslrun its own summary.
@@ -179,6 +179,15 @@ def max_failures(cfg: ExperimentConfig, plan: LaunchPlan) -> int:
     if plan.elastic and cfg.cluster.max_failures == 0:
         return -1
     return cfg.cluster.max_failures
+
+
+def controller_failure_limit(cfg: ExperimentConfig, plan: LaunchPlan) -> int:
+    """Worker-group starts that may fail: once for a fixed size (a node that joins late); for an elastic run as
+    many as its restarts (:func:`max_failures`). Ray Train counts failed starts over the whole run and never resets
+    the count, and after a node is lost its view of the cluster lags (refreshed every 20 s), so the restart often
+    asks for the old size first and times out: one failed start per lost node, which a limit of 1 would turn
+    into the end of a spot run at its second lost node."""
+    return max_failures(cfg, plan) if plan.elastic else CONTROLLER_FAILURE_LIMIT
 
 
 def _fit_in_thread(trainer: Any) -> Any:

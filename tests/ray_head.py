@@ -38,6 +38,7 @@ __all__ = [
     "dashboard_get",
     "metric_samples",
     "quick_launch_args",
+    "simulated_cluster",
     "start_ray_head",
     "stop_process_tree",
     "token_auth",
@@ -233,3 +234,29 @@ def metric_samples(port: int, name: str) -> list[tuple[dict[str, str], float]]:
         if m and m["name"] == name:
             samples.append((dict(_LABEL.findall(m["labels"])), float(m["value"])))
     return samples
+
+
+@contextlib.contextmanager
+def simulated_cluster(*node_envs: dict[str, str] | None, **head_args: Any) -> Iterator[tuple[Any, list[Any]]]:
+    """A ``ray.cluster_utils.Cluster``: a head without CPUs (so every worker lands on a simulated node) and one
+    1-CPU node per entry of ``node_envs`` (its environment variables, or None), all on this machine; yields the
+    cluster and its nodes, and shuts it down on exit. ``head_args`` go to the head (``_system_config``...).
+
+    Every simulated node has the same IP: tests tell them apart by node id."""
+    from ray.cluster_utils import Cluster
+
+    # Cluster writes its address to /tmp/ray/ray_current_cluster whatever the temp dir, and does not create the folder
+    os.makedirs("/tmp/ray", exist_ok=True)
+    temp_dir = tempfile.mkdtemp(prefix="sslrun-ray-", dir="/tmp")  # Ray's socket paths must stay < 108 chars
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 0, "include_dashboard": False, "temp_dir": temp_dir, **head_args},
+    )
+    try:
+        nodes = [cluster.add_node(num_cpus=1, env_vars=env or {}) for env in node_envs]
+        cluster.wait_for_nodes()
+        yield cluster, nodes
+    finally:
+        with contextlib.suppress(Exception):
+            cluster.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)

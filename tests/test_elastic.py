@@ -9,12 +9,9 @@ repeated. Run inside a loopback-only network namespace (see README).
 
 from __future__ import annotations
 
-import contextlib
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +24,7 @@ from sslrun.core.config import ExperimentConfig
 
 # by package path: Ray workers import this module (its `_record_ids`) without tests/ on sys.path
 from sslrun.tests.net import require_loopback_namespace
-from sslrun.tests.ray_head import committed_steps, wait_for
+from sslrun.tests.ray_head import committed_steps, simulated_cluster, wait_for
 
 RECORD = "sslrun.tests.test_elastic:_record_ids"
 QUICK = [
@@ -51,7 +48,9 @@ def _record_ids(cfg: Any, hooks: Any, device: Any) -> Any:
     """The real trainer with its loader tapped: each batch this rank trains on is appended to
     ``OUTPUT/ids/rank<r>.jsonl`` as ``{"attempt", "world", "epoch", "batch", "ids"}`` (``attempt``: rank 0's start
     time, shared by every rank of one worker group). ``SSLRUN_TEST_STEP_SLEEP`` seconds of sleep per batch keep a
-    short run going long enough for nodes to come and go."""
+    short run going long enough for nodes to come and go. ``SSLRUN_TEST_HOLD=W:N``: a group of ``W`` workers stops
+    before its ``N+1``-th batch and waits there until Ray Train replaces it, so a test that adds a node sees the
+    group grow however fast the machine trains (a fast one could otherwise finish before the new node is up)."""
     import os
 
     import torch.distributed as dist
@@ -64,6 +63,9 @@ def _record_ids(cfg: Any, hooks: Any, device: Any) -> Any:
     if dist.is_initialized():
         dist.broadcast_object_list(attempt, src=0)
     pause = float(os.environ.get("SSLRUN_TEST_STEP_SLEEP", "0"))
+    hold_world, hold_after = (int(v) for v in os.environ.get("SSLRUN_TEST_HOLD", "0:0").split(":"))
+    started = [0]  # batches this attempt has started, over its epochs
+    world = world_size()
     real = loader_module.ViewLoader
     out = Path(cfg.output) / "ids"
     out.mkdir(parents=True, exist_ok=True)
@@ -71,6 +73,11 @@ def _record_ids(cfg: Any, hooks: Any, device: Any) -> Any:
     class Tapped(real):  # type: ignore[misc, valid-type]
         def epoch(self, epoch: int, start_batch: int = 0) -> Any:
             for b, item in enumerate(super().epoch(epoch, start_batch), start=start_batch):
+                started[0] += 1
+                while world == hold_world and started[0] > hold_after:
+                    # until Ray Train kills this group to resize it (the size read at the start: Ray destroys the
+                    # process group before it kills the workers, and a released rank would train a batch alone)
+                    time.sleep(0.2)
                 record = {"attempt": attempt[0], "world": world_size(), "epoch": epoch, "batch": b}
                 record["ids"] = self.batch_indices(epoch, b).tolist()
                 with open(out / f"rank{rank()}.jsonl", "a") as f:
@@ -164,24 +171,22 @@ def test_a_run_stopped_on_two_workers_continues_on_one_exactly(tmp_path: Path) -
 def test_an_elastic_run_shrinks_when_a_node_goes_and_grows_when_one_comes_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``--nodes 2:3`` on a Cluster of 3 one-CPU nodes: remove one after the first committed checkpoint (mid-epoch
-    0) -> the run continues on 2 workers; add a node back -> it grows to 3 and finishes. Each image of the epochs
-    is trained exactly once in total, every global batch has the same 12 images as at any other size, the lr at
+    """``--nodes 2:3`` on a Cluster of 3 one-CPU nodes, one epoch: remove one after the first committed checkpoint
+    -> the run continues on 2 workers; add a node back mid-epoch -> it grows to 3 and finishes. Each image of the
+    epoch is trained exactly once in total, every global batch has the same 12 images as at any other size, the lr at
     every logged step is the uninterrupted schedule's, and TensorBoard's world size shows 3, 2, 3."""
     require_loopback_namespace("tests/test_elastic.py")
-    from ray.cluster_utils import Cluster
 
     from sslrun.core.train.schedules import build_schedules
 
     monkeypatch.setenv("SSLRUN_TEST_STEP_SLEEP", "0.15")  # read by the workers (Ray passes the environment on)
-    samples, batch, epochs = 240, 12, 2  # 20 global batches per epoch; 12 splits over 2 and 3 workers
-    temp_dir = tempfile.mkdtemp(prefix="sslrun-ray-", dir="/tmp")
-    cluster = Cluster(
-        initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False, "temp_dir": temp_dir}
-    )
-    try:
-        nodes = [cluster.add_node(num_cpus=1) for _ in range(3)]
-        cluster.wait_for_nodes()
+    # the 2-worker group holds after 5 batches, past its own first checkpoint (every 5 steps), until it grows
+    monkeypatch.setenv("SSLRUN_TEST_HOLD", "2:5")
+    # the restart after the lost node first asks for 3 workers (Ray Train's view of the cluster lags) and waits out
+    # this timeout before it starts 2; a start that times out is retried, so a shorter wait only saves time
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
+    samples, batch, epochs = 240, 12, 1  # 20 global batches; 12 splits over 2 and 3 workers
+    with simulated_cluster(None, None, None) as (cluster, nodes):
         out = tmp_path / "elastic"
         extra = {
             "cluster.address": cluster.address,
@@ -243,7 +248,3 @@ def test_an_elastic_run_shrinks_when_a_node_goes_and_grows_when_one_comes_back(
             assert m["opt/lr"] == pytest.approx(float(lr[m["step"] - 1]), rel=1e-6), m["step"]
         worlds = [int(m["perf/world_size"]) for m in logged]
         assert [w for i, w in enumerate(worlds) if i == 0 or w != worlds[i - 1]] == [3, 2, 3], worlds
-    finally:
-        with contextlib.suppress(Exception):
-            cluster.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)

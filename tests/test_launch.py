@@ -38,7 +38,7 @@ from sslrun.core.errors import ConfigError
 
 # by package path: Ray workers import this module (its `_record_batches`) without tests/ on sys.path
 from sslrun.tests.net import free_port, require_loopback_namespace
-from sslrun.tests.ray_head import committed_steps, stop_process_tree, token_auth, wait_for
+from sslrun.tests.ray_head import committed_steps, simulated_cluster, stop_process_tree, token_auth, wait_for
 
 CONFIGS = Path(__file__).resolve().parents[1] / "cluster" / "configs"
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "cluster.md"
@@ -165,6 +165,24 @@ def test_an_elastic_plan_spans_its_range_and_needs_room_for_its_minimum(tmp_path
     assert "room for 2 workers of 1 CPU" in resource_shortfall(plan, two[:1], {"CPU": 1.0})
     fixed = _plan(_cfg(tmp_path / "x", batch_size=12, extra={"cluster.nodes": 3}), embedded=False)
     assert not fixed.elastic and fixed.min_workers == fixed.num_workers == 3
+
+
+def test_an_elastic_run_survives_a_failed_group_start_per_lost_node(tmp_path: Path) -> None:
+    """Ray Train never resets its count of failed worker-group starts, and an elastic restart after a node loss
+    may fail one start (it asks for the old size first): the elastic limit follows --max-failures (none: no limit),
+    a fixed size keeps one retry."""
+    from sslrun.cluster.launcher import controller_failure_limit, max_failures
+
+    elastic = {"cluster.nodes": 3, "cluster.min_nodes": 2}
+    for extra, expected in (
+        (elastic, (-1, -1)),
+        ({**elastic, "cluster.max_failures": 4}, (4, 4)),
+        ({"cluster.nodes": 3}, (0, 1)),
+        ({"cluster.nodes": 3, "cluster.max_failures": 2}, (2, 1)),
+    ):
+        cfg = _cfg(tmp_path / "x", batch_size=12, extra=extra)
+        plan = _plan(cfg, embedded=False)
+        assert (max_failures(cfg, plan), controller_failure_limit(cfg, plan)) == expected, extra
 
 
 def test_every_size_of_an_elastic_range_must_split_the_global_batch(tmp_path: Path) -> None:
@@ -581,16 +599,7 @@ def test_two_simulated_nodes_get_one_worker_each_with_strict_spread(tmp_path: Pa
     """`--address` to a two-node ``ray.cluster_utils.Cluster`` (head without CPUs): STRICT_SPREAD puts the two
     ranks on the two worker nodes (checked by node id: every simulated node has the same IP)."""
     require_loopback_namespace("tests/test_launch.py")
-    from ray.cluster_utils import Cluster
-
-    temp_dir = tempfile.mkdtemp(prefix="sslrun-ray-", dir="/tmp")
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 0, "include_dashboard": False, "temp_dir": temp_dir},
-    )
-    try:
-        workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
-        cluster.wait_for_nodes()
+    with simulated_cluster(None, None) as (cluster, workers):
         out = tmp_path / "spread"
         res = _run_cli([*_quick_args(out, 20), "--address", cluster.address, "--nodes", "2"])
         assert res.returncode == 0, res.stdout + res.stderr
@@ -598,6 +607,3 @@ def test_two_simulated_nodes_get_one_worker_each_with_strict_spread(tmp_path: Pa
         assert "finished: 20 steps" in res.stdout
         nodes = {json.loads((out / "workers" / f"rank{r}.json").read_text())["node_id"] for r in (0, 1)}
         assert nodes == {w.node_id for w in workers}
-    finally:
-        cluster.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +26,7 @@ from sslrun.core.data.format import verify_beton
 from sslrun.core.data.manifest import Manifest
 from sslrun.core.errors import ConfigError, DataError
 from sslrun.tests.net import require_loopback_namespace
-from sslrun.tests.ray_head import token_auth
+from sslrun.tests.ray_head import simulated_cluster, token_auth
 
 BIN = Path(sys.executable).parent
 SETTINGS = {"num_samples": 64, "size": 16, "test_samples": 16}
@@ -172,21 +171,13 @@ def test_two_nodes_without_shared_storage_get_the_drivers_data_once_each_and_tra
     require_loopback_namespace("tests/test_shipping.py")
     if not _private_mounts_work():
         pytest.skip("needs `unshare -m` (root or user namespaces) to hide the driver's data dir from the nodes")
-    from ray.cluster_utils import Cluster
 
     hidden, data_dir = tmp_path / "driver-only", tmp_path / "driver-data"
     hidden.mkdir()
     data_dir.mkdir()
     env = {"SSLRUN_DATA_DIR": str(data_dir), "SSLRUN_STAGE_DIR": str(tmp_path / "driver-stage")}
-    temp_dir = tempfile.mkdtemp(prefix="sslrun-ray-", dir="/tmp")
-    cluster = Cluster(
-        initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False, "temp_dir": temp_dir}
-    )
-    try:
-        caches = [tmp_path / f"node{i}" for i in range(2)]
-        for cache in caches:
-            cluster.add_node(num_cpus=1, env_vars={"SSLRUN_STAGE_DIR": str(cache)})
-        cluster.wait_for_nodes()
+    caches = [tmp_path / f"node{i}" for i in range(2)]
+    with simulated_cluster(*({"SSLRUN_STAGE_DIR": str(cache)} for cache in caches)) as (cluster, _):
 
         def launch(run: str, ok: bool = True, **extra_env: str) -> str:
             args = ["launch", "--method", "simclr", "--encoder", "small_cnn", "--dataset", "synthetic"]
@@ -230,6 +221,3 @@ def test_two_nodes_without_shared_storage_get_the_drivers_data_once_each_and_tra
         assert out.count(f"to node {node.node_id[:12]}: attempt ") == 3, out
         assert f"node {node.node_id[:12]}: cannot copy {data_dir / 'synthetic' / 'train.beton'} there" in out, out
         assert not (tmp_path / "run3" / "workers").exists()
-    finally:
-        cluster.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)

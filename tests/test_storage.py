@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +26,7 @@ from sslrun.core.data.remote import open_store
 from sslrun.core.data.staging import ATTEMPTS, stage
 from sslrun.core.errors import DataError
 from sslrun.tests.net import free_port, require_loopback_namespace
-from sslrun.tests.ray_head import SSLRUN, token_auth
+from sslrun.tests.ray_head import SSLRUN, simulated_cluster, token_auth
 from sslrun.tests.s3_server import assert_one_line_error as _bad
 from sslrun.tests.s3_server import bucket_objects as _objects
 from sslrun.tests.s3_server import moto_s3, moto_s3_with_auth
@@ -239,19 +238,11 @@ def test_two_nodes_stage_the_bucket_data_once_each_and_train(s3: str, tmp_path: 
     """`sslrun launch --nodes 2 --data-dir s3://... --storage-path s3://...` on a two-node Cluster whose nodes each
     have their own cache: the driver publishes the data, each node copies it once, the workers train from the copies
     and Ray Train writes its checkpoints to the bucket."""
-    from ray.cluster_utils import Cluster
 
     data = _bucket(s3, "e2e-data")
     runs = _bucket(s3, "e2e-runs").replace("/data?", "/runs?")
-    temp_dir = tempfile.mkdtemp(prefix="sslrun-ray-", dir="/tmp")
-    cluster = Cluster(
-        initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False, "temp_dir": temp_dir}
-    )
-    try:
-        caches = [tmp_path / f"node{i}" for i in range(2)]
-        for cache in caches:
-            cluster.add_node(num_cpus=1, env_vars={"SSLRUN_STAGE_DIR": str(cache)})
-        cluster.wait_for_nodes()
+    caches = [tmp_path / f"node{i}" for i in range(2)]
+    with simulated_cluster(*({"SSLRUN_STAGE_DIR": str(cache)} for cache in caches)) as (cluster, _):
         args = ["launch", "--method", "simclr", "--encoder", "small_cnn", "--dataset", "synthetic", "--epochs", "100"]
         args += ["--batch-size", "16", "--output", str(tmp_path / "run"), "--data-dir", data]
         args += ["--storage-path", runs, "--address", cluster.address, "--nodes", "2"]
@@ -325,6 +316,3 @@ def test_two_nodes_stage_the_bucket_data_once_each_and_train(s3: str, tmp_path: 
         )
         assert res.returncode == 0, res.stdout + res.stderr
         assert "top-1" in res.stdout.lower(), res.stdout
-    finally:
-        cluster.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
