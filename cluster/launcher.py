@@ -42,8 +42,8 @@ from sslrun.core.errors import SslrunError, TrainingError
 __all__ = ["LaunchResult", "launch"]
 
 Echo = Callable[[str], None]
-# A worker group that cannot start is retried once (a node that joined late), then fit() raises; Ray's default
-# (-1) retries it for ever.
+# A fixed-size worker group that cannot start is retried once (a node that joined late), then fit() raises; Ray's
+# default (-1) retries it for ever. Elastic runs use controller_failure_limit() instead.
 CONTROLLER_FAILURE_LIMIT = 1
 # gloo/NCCL collective timeout. Ray detects a dead worker by polling (~2 s) and restarts the group, so this only
 # bounds a rank that hangs while alive; Ray's default of 1800 s would hold the cluster for half an hour.

@@ -237,10 +237,10 @@ def metric_samples(port: int, name: str) -> list[tuple[dict[str, str], float]]:
 
 
 @contextlib.contextmanager
-def simulated_cluster(*node_envs: dict[str, str] | None, **head_args: Any) -> Iterator[tuple[Any, list[Any]]]:
+def simulated_cluster(*node_envs: dict[str, str] | None) -> Iterator[tuple[Any, list[Any]]]:
     """A ``ray.cluster_utils.Cluster``: a head without CPUs (so every worker lands on a simulated node) and one
     1-CPU node per entry of ``node_envs`` (its environment variables, or None), all on this machine; yields the
-    cluster and its nodes, and shuts it down on exit. ``head_args`` go to the head (``_system_config``...).
+    cluster and its nodes, and shuts it down on exit.
 
     Every simulated node has the same IP: tests tell them apart by node id."""
     from ray.cluster_utils import Cluster
@@ -250,7 +250,7 @@ def simulated_cluster(*node_envs: dict[str, str] | None, **head_args: Any) -> It
     temp_dir = tempfile.mkdtemp(prefix="sslrun-ray-", dir="/tmp")  # Ray's socket paths must stay < 108 chars
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 0, "include_dashboard": False, "temp_dir": temp_dir, **head_args},
+        head_node_args={"num_cpus": 0, "include_dashboard": False, "temp_dir": temp_dir},
     )
     try:
         nodes = [cluster.add_node(num_cpus=1, env_vars=env or {}) for env in node_envs]

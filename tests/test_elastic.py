@@ -78,7 +78,7 @@ def _record_ids(cfg: Any, hooks: Any, device: Any) -> Any:
                     # until Ray Train kills this group to resize it (the size read at the start: Ray destroys the
                     # process group before it kills the workers, and a released rank would train a batch alone)
                     time.sleep(0.2)
-                record = {"attempt": attempt[0], "world": world_size(), "epoch": epoch, "batch": b}
+                record = {"attempt": attempt[0], "world": world, "epoch": epoch, "batch": b}
                 record["ids"] = self.batch_indices(epoch, b).tolist()
                 with open(out / f"rank{rank()}.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
